@@ -1,0 +1,599 @@
+"""The Redis session store.
+
+Key layout, with ``P`` the configurable prefix (default ``authgrpc``)::
+
+    P:{u:<user_id>}:user        hash: n username, h password hash, r roles,
+                                d disabled, g generation, c created
+    P:{u:<user_id>}:s:<sid>     hash: c created, a absolute expiry, l last
+                                seen, k rotation key, r/p current and previous
+                                refresh-token hash, q grace end, i peer, ua
+                                user agent. Its TTL is the idle timeout, capped
+                                at the absolute expiry.
+    P:{u:<user_id>}:idx         sorted set of the user's session ids, scored
+                                by absolute expiry
+    P:{n:<username>}            string: the user id for a username
+    P:users                     set of every username
+    P:{t:<kind>:<value>}        hash: failed-login counter and lockout
+    P:ended                     pub/sub channel: "<user_id> <session_id>" for
+                                every session that ends before its time
+
+Every key of one user shares the hash tag ``{u:<user_id>}``, so each script
+touches a single hash slot and the same code runs on Redis Cluster. Every
+change to a session is one Lua script, so it is atomic: a validation only
+extends a session key that still exists, and cannot bring back one that a
+concurrent logout deleted. Times come from the Redis server's clock (TIME),
+so replicas with skewed clocks agree. Sessions that time out by idleness
+vanish through their TTL and are dropped from the index whenever it is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from authgrpc.errors import ConfigurationError, StoreUnavailable
+from authgrpc.store import (
+    NewSession,
+    RefreshOutcome,
+    RefreshState,
+    SessionLimits,
+    SessionRecord,
+    ThrottlePolicy,
+    ThrottleResult,
+    UserChanged,
+    UsernameTaken,
+    UserRecord,
+    new_id,
+)
+
+T = TypeVar("T")
+
+_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+
+CREATE_SESSION = (
+    _NOW
+    + """
+local u = redis.call('HMGET', KEYS[1], 'n', 'd', 'g', 'r')
+if not u[1] or u[2] == '1' or (u[3] or '0') ~= ARGV[1] then return {0} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {-1} end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local max = tonumber(ARGV[4])
+if max > 0 then
+  local count = redis.call('ZCARD', KEYS[2])
+  if count >= max then
+    for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+      if redis.call('EXISTS', ARGV[12] .. sid) == 0 then
+        redis.call('ZREM', KEYS[2], sid)
+        count = count - 1
+      end
+    end
+  end
+  while count >= max do
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+    redis.call('DEL', ARGV[12] .. oldest)
+    redis.call('ZREM', KEYS[2], oldest)
+    redis.call('PUBLISH', ARGV[9], ARGV[10] .. ' ' .. oldest)
+    count = count - 1
+  end
+end
+local absolute = now + tonumber(ARGV[3])
+local idle = math.min(tonumber(ARGV[2]), tonumber(ARGV[3]))
+redis.call('HSET', KEYS[3], 'c', now, 'a', absolute, 'l', now, 'k', ARGV[5], 'r', ARGV[6],
+  'i', ARGV[7], 'ua', ARGV[8])
+redis.call('PEXPIRE', KEYS[3], idle)
+redis.call('ZADD', KEYS[2], absolute, ARGV[11])
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+redis.call('PEXPIRE', KEYS[2], tonumber(last[2]) - now + 1000)
+return {1, now, absolute, now + idle, u[1], u[4] or ''}
+"""
+)
+
+VALIDATE_SESSION = (
+    _NOW
+    + """
+local s = redis.call('HMGET', KEYS[1], 'c', 'a', 'l')
+if not s[1] then return false end
+local u = redis.call('HMGET', KEYS[2], 'n', 'd', 'r')
+if not u[1] or u[2] == '1' then return false end
+local absolute = tonumber(s[2])
+if absolute <= now then
+  redis.call('DEL', KEYS[1])
+  return false
+end
+local last = tonumber(s[3])
+local ttl
+if now - last >= tonumber(ARGV[2]) then
+  ttl = math.min(tonumber(ARGV[1]), absolute - now)
+  redis.call('HSET', KEYS[1], 'l', now)
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  last = now
+else
+  ttl = redis.call('PTTL', KEYS[1])
+end
+return {s[1], s[2], last, now + ttl, u[1], u[3] or ''}
+"""
+)
+
+END_SESSION = """
+local ended = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if ended == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. ARGV[1]) end
+return ended
+"""
+
+# ARGV: session key prefix, session id to keep or '', channel, user id,
+# disabled flag to set ('' leaves it), new password hash ('' leaves it).
+END_ALL_SESSIONS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'g', 1)
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'd', ARGV[5]) end
+  if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'h', ARGV[6]) end
+end
+local ended = 0
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if sid ~= ARGV[2] then
+    if redis.call('DEL', ARGV[1] .. sid) == 1 then
+      ended = ended + 1
+      redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. sid)
+    end
+    redis.call('ZREM', KEYS[2], sid)
+  end
+end
+return ended
+"""
+
+LIST_SESSIONS = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local out = {}
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local f = redis.call('HMGET', ARGV[1] .. sid, 'c', 'a', 'l', 'i', 'ua')
+  if f[1] then
+    local ttl = redis.call('PTTL', ARGV[1] .. sid)
+    table.insert(out, {sid, f[1], f[2], f[3], now + ttl, f[4] or '', f[5] or ''})
+  else
+    redis.call('ZREM', KEYS[1], sid)
+  end
+end
+return out
+"""
+)
+
+# KEYS: session, index, user. ARGV: presented hash, new hash, grace ms,
+# idle ms, channel, user id, session id.
+COMMIT_REFRESH = (
+    _NOW
+    + """
+local s = redis.call('HMGET', KEYS[1], 'r', 'p', 'q', 'a', 'c')
+if not s[1] then return {'ended'} end
+local u = redis.call('HMGET', KEYS[3], 'n', 'd', 'r')
+if not u[1] or u[2] == '1' then return {'ended'} end
+local outcome
+if s[1] == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'r', ARGV[2], 'p', ARGV[1], 'q', now + tonumber(ARGV[3]))
+  outcome = 'rotated'
+elseif s[2] and s[2] == ARGV[1] then
+  if now < tonumber(s[3]) and s[1] == ARGV[2] then
+    outcome = 'replayed'
+  else
+    redis.call('DEL', KEYS[1])
+    redis.call('ZREM', KEYS[2], ARGV[7])
+    redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[7])
+    return {'reused'}
+  end
+else
+  return {'invalid'}
+end
+local absolute = tonumber(s[4])
+local ttl = math.min(tonumber(ARGV[4]), absolute - now)
+redis.call('HSET', KEYS[1], 'l', now)
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {outcome, s[5], s[4], now, now + ttl, u[1], u[3] or ''}
+"""
+)
+
+REPLACE_PASSWORD_HASH = """
+if redis.call('HGET', KEYS[1], 'h') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'h', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# ARGV: max failures, window ms, lockout ms, max lockout ms, level memory ms.
+# Returns 0 when the attempt may go ahead, else the milliseconds to wait.
+THROTTLE_ACQUIRE = (
+    _NOW
+    + """
+local h = redis.call('HMGET', KEYS[1], 'n', 'w', 'lu', 'lv', 'le')
+local count, window_end = tonumber(h[1] or '0'), tonumber(h[2] or '0')
+local locked_until, level, level_end = tonumber(h[3] or '0'), tonumber(h[4] or '0'), tonumber(h[5] or '0')
+if locked_until > now then return locked_until - now end
+if window_end <= now then
+  count = 0
+  window_end = now + tonumber(ARGV[2])
+end
+if level_end <= now then level = 0 end
+local wait = 0
+if count >= tonumber(ARGV[1]) then
+  wait = math.min(tonumber(ARGV[3]) * (2 ^ level), tonumber(ARGV[4]))
+  level = level + 1
+  level_end = now + tonumber(ARGV[5])
+  locked_until = now + wait
+  count = 0
+else
+  count = count + 1
+end
+redis.call('HSET', KEYS[1], 'n', count, 'w', window_end, 'lu', locked_until, 'lv', level, 'le', level_end)
+redis.call('PEXPIRE', KEYS[1], math.max(window_end, locked_until, level_end) - now)
+return wait
+"""
+)
+
+THROTTLE_RELEASE = """
+if tonumber(redis.call('HGET', KEYS[1], 'n') or '0') > 0 then redis.call('HINCRBY', KEYS[1], 'n', -1) end
+return 0
+"""
+
+_UNAVAILABLE_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
+    OSError,
+    TimeoutError,
+)
+
+
+class KeyLayout:
+    """Builds every Redis key name from the prefix, so that the layout lives in one place."""
+
+    def __init__(self, prefix: str = "authgrpc"):
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ConfigurationError(f"Redis key prefix {prefix!r} must be non-empty and contain no braces")
+        self.prefix = prefix
+        self.channel = f"{prefix}:ended"
+        self.users = f"{prefix}:users"
+
+    def user(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{user_id}}}:user"
+
+    def index(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{user_id}}}:idx"
+
+    def session_prefix(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{user_id}}}:s:"
+
+    def session(self, user_id: str, session_id: str) -> str:
+        return f"{self.prefix}:{{u:{user_id}}}:s:{session_id}"
+
+    def username(self, username: str) -> str:
+        return f"{self.prefix}:{{n:{username}}}"
+
+    def throttle(self, key: str) -> str:
+        return f"{self.prefix}:{{t:{key}}}"
+
+
+def connect(url: str, *, timeout: float = 1.0, decode: bool = False) -> Any:
+    """Open an asyncio Redis client for ``url``.
+
+    ``redis://`` and ``rediss://`` reach one server, ``redis+cluster://host:port``
+    (``rediss+cluster://`` with TLS) a cluster through any of its nodes, and
+    ``redis+sentinel://host:port[,host:port...]/<service>`` the primary that
+    Sentinel names for ``<service>``. ``timeout`` bounds each connect and
+    each reply in seconds.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "decode_responses": decode,
+        "retry": Retry(ExponentialBackoff(cap=timeout / 4, base=0.01), retries=1),
+        "health_check_interval": 5,
+    }
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme in ("redis", "rediss", "unix"):
+        return aioredis.from_url(url, **options)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        base = url.replace("+cluster", "", 1)
+        options.pop("health_check_interval")
+        return RedisCluster.from_url(base, **options)
+    if scheme == "redis+sentinel":
+        hosts = []
+        for item in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = item.rpartition(":")
+            hosts.append((host.strip("[]") or "127.0.0.1", int(port or 26379)))
+        service = parts.path.strip("/")
+        if not service:
+            raise ConfigurationError(f"Sentinel URL {url!r} must name the service: redis+sentinel://host:port/<service>")
+        query = parse_qs(parts.query)
+        db = int(query.get("db", ["0"])[0])
+        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": timeout}, **options)
+        return sentinel.master_for(service, db=db, password=parts.password)
+    raise ConfigurationError(
+        f"unsupported Redis URL scheme {scheme!r}; use redis://, rediss://, "
+        "redis+cluster:// or redis+sentinel://"
+    )
+
+
+async def guarded(operation: Awaitable[T]) -> T:
+    """Await a Redis operation, turning connection failures and timeouts into StoreUnavailable."""
+    try:
+        return await operation
+    except _UNAVAILABLE_ERRORS as exc:
+        raise StoreUnavailable(f"session store is unavailable: {type(exc).__name__}") from exc
+    except redis.exceptions.ResponseError as exc:
+        if str(exc).startswith(("LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY")):
+            raise StoreUnavailable(f"session store is unavailable: {str(exc).split()[0]}") from exc
+        raise
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _roles(value: Any) -> tuple[str, ...]:
+    text = _text(value) if value else ""
+    return tuple(role for role in text.split(",") if role)
+
+
+class RedisStore:
+    """A :class:`~authgrpc.store.SessionStore` on Redis, Redis Sentinel or Redis Cluster."""
+
+    def __init__(self, client: Any, layout: KeyLayout | None = None):
+        self.client = client
+        self.keys = layout or KeyLayout()
+        self._create = client.register_script(CREATE_SESSION)
+        self._validate = client.register_script(VALIDATE_SESSION)
+        self._end = client.register_script(END_SESSION)
+        self._end_all = client.register_script(END_ALL_SESSIONS)
+        self._list = client.register_script(LIST_SESSIONS)
+        self._commit_refresh = client.register_script(COMMIT_REFRESH)
+        self._replace_hash = client.register_script(REPLACE_PASSWORD_HASH)
+        self._throttle_acquire = client.register_script(THROTTLE_ACQUIRE)
+        self._throttle_release = client.register_script(THROTTLE_RELEASE)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "authgrpc", timeout: float = 1.0) -> RedisStore:
+        """Connect to the Redis at ``url`` (see :func:`connect` for the schemes)."""
+        return cls(connect(url, timeout=timeout), KeyLayout(prefix))
+
+    async def ping(self) -> None:
+        await guarded(self.client.ping())
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def create_user(self, username: str, password_hash: str, roles: tuple[str, ...]) -> UserRecord:
+        user_id = new_id()
+        name_key = self.keys.username(username)
+        if not await guarded(self.client.set(name_key, user_id, nx=True)):
+            existing = await self.get_user_by_name(username)
+            if existing is not None:
+                raise UsernameTaken(f"user {username!r} already exists")
+            # The name points at a user record that an interrupted add never wrote.
+            await guarded(self.client.set(name_key, user_id))
+        user = UserRecord(user_id, username, password_hash, tuple(roles), created_ms=await self._now_ms())
+        fields = {"n": username, "h": password_hash, "r": ",".join(roles), "d": 0, "g": 0, "c": user.created_ms}
+        await guarded(self.client.hset(self.keys.user(user_id), mapping=fields))
+        await guarded(self.client.sadd(self.keys.users, username))
+        return user
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        fields = await guarded(self.client.hgetall(self.keys.user(user_id)))
+        if not fields or b"n" not in fields:
+            return None
+        return UserRecord(
+            user_id=user_id,
+            username=_text(fields[b"n"]),
+            password_hash=_text(fields.get(b"h", b"")),
+            roles=_roles(fields.get(b"r")),
+            disabled=fields.get(b"d") == b"1",
+            generation=int(fields.get(b"g", 0)),
+            created_ms=int(fields.get(b"c", 0)),
+        )
+
+    async def get_user_by_name(self, username: str) -> UserRecord | None:
+        user_id = await guarded(self.client.get(self.keys.username(username)))
+        if user_id is None:
+            return None
+        user = await self.get_user(_text(user_id))
+        return user if user is not None and user.username == username else None
+
+    async def list_users(self) -> list[UserRecord]:
+        names = sorted(_text(name) for name in await guarded(self.client.smembers(self.keys.users)))
+        users = [await self.get_user_by_name(name) for name in names]
+        return [user for user in users if user is not None]
+
+    async def replace_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool:
+        replaced = await guarded(self._replace_hash(keys=[self.keys.user(user_id)], args=[old_hash, new_hash]))
+        return bool(replaced)
+
+    async def set_password_hash(self, user_id: str, new_hash: str) -> int:
+        return await self._end_all_with(user_id, "", disabled="", password_hash=new_hash)
+
+    async def set_disabled(self, user_id: str, disabled: bool) -> int:
+        if disabled:
+            return await self._end_all_with(user_id, "", disabled="1", password_hash="")
+        await guarded(self.client.hset(self.keys.user(user_id), "d", 0))
+        return 0
+
+    async def set_roles(self, user_id: str, roles: tuple[str, ...]) -> None:
+        await guarded(self.client.hset(self.keys.user(user_id), "r", ",".join(roles)))
+
+    async def create_session(self, user: UserRecord, new: NewSession, limits: SessionLimits) -> SessionRecord:
+        for _ in range(3):
+            session_id = new_id()
+            keys = [self.keys.user(user.user_id), self.keys.index(user.user_id), self.keys.session(user.user_id, session_id)]
+            args = [
+                user.generation,
+                limits.idle_ms,
+                limits.absolute_ms,
+                limits.max_per_user,
+                new.rotation_key,
+                new.refresh_hash,
+                new.peer,
+                new.user_agent,
+                self.keys.channel,
+                user.user_id,
+                session_id,
+                self.keys.session_prefix(user.user_id),
+            ]
+            result = await guarded(self._create(keys=keys, args=args))
+            if result[0] == 1:
+                _, now, absolute, idle, username, roles = result
+                return SessionRecord(
+                    session_id=session_id,
+                    user_id=user.user_id,
+                    username=_text(username),
+                    roles=_roles(roles),
+                    created_ms=int(now),
+                    absolute_expiry_ms=int(absolute),
+                    idle_expiry_ms=int(idle),
+                    last_seen_ms=int(now),
+                    peer=new.peer,
+                    user_agent=new.user_agent,
+                )
+            if result[0] == 0:
+                raise UserChanged(f"user {user.username!r} changed during login")
+        raise StoreUnavailable("could not allocate a unique session id")  # 128 random bits: unreachable
+
+    async def validate_session(self, user_id: str, session_id: str, limits: SessionLimits) -> SessionRecord | None:
+        keys = [self.keys.session(user_id, session_id), self.keys.user(user_id)]
+        result = await guarded(self._validate(keys=keys, args=[limits.idle_ms, limits.touch_interval_ms]))
+        return _validated(user_id, session_id, result)
+
+    async def end_session(self, user_id: str, session_id: str) -> bool:
+        keys = [self.keys.session(user_id, session_id), self.keys.index(user_id)]
+        ended = await guarded(self._end(keys=keys, args=[session_id, self.keys.channel, user_id]))
+        return bool(ended)
+
+    async def end_all_sessions(self, user_id: str, keep_session_id: str | None = None) -> int:
+        return await self._end_all_with(user_id, keep_session_id or "", disabled="", password_hash="")
+
+    async def _end_all_with(self, user_id: str, keep: str, *, disabled: str, password_hash: str) -> int:
+        keys = [self.keys.user(user_id), self.keys.index(user_id)]
+        args = [self.keys.session_prefix(user_id), keep, self.keys.channel, user_id, disabled, password_hash]
+        return int(await guarded(self._end_all(keys=keys, args=args)))
+
+    async def list_sessions(self, user_id: str) -> list[SessionRecord]:
+        user = await self.get_user(user_id)
+        if user is None:
+            return []
+        rows = await guarded(self._list(keys=[self.keys.index(user_id)], args=[self.keys.session_prefix(user_id)]))
+        records = []
+        for session_id, created, absolute, last, idle, peer, agent in rows:
+            records.append(
+                SessionRecord(
+                    session_id=_text(session_id),
+                    user_id=user_id,
+                    username=user.username,
+                    roles=user.roles,
+                    created_ms=int(created),
+                    absolute_expiry_ms=int(absolute),
+                    idle_expiry_ms=int(idle),
+                    last_seen_ms=int(last),
+                    peer=_text(peer),
+                    user_agent=_text(agent),
+                )
+            )
+        return sorted(records, key=lambda record: record.created_ms)
+
+    async def get_refresh_state(self, user_id: str, session_id: str) -> RefreshState | None:
+        key = self.keys.session(user_id, session_id)
+        rotation_key, current, previous, grace = await guarded(self.client.hmget(key, "k", "r", "p", "q"))
+        if rotation_key is None or current is None:
+            return None
+        return RefreshState(rotation_key, current, previous or b"", int(grace or 0))
+
+    async def commit_refresh(
+        self,
+        user_id: str,
+        session_id: str,
+        presented_hash: bytes,
+        new_hash: bytes,
+        grace_ms: int,
+        limits: SessionLimits,
+    ) -> tuple[RefreshOutcome, SessionRecord | None]:
+        keys = [self.keys.session(user_id, session_id), self.keys.index(user_id), self.keys.user(user_id)]
+        args = [presented_hash, new_hash, grace_ms, limits.idle_ms, self.keys.channel, user_id, session_id]
+        result = await guarded(self._commit_refresh(keys=keys, args=args))
+        outcome = RefreshOutcome(_text(result[0]))
+        if outcome not in (RefreshOutcome.ROTATED, RefreshOutcome.REPLAYED):
+            return outcome, None
+        return outcome, _validated(user_id, session_id, result[1:])
+
+    async def throttle_acquire(self, key: str, policy: ThrottlePolicy) -> ThrottleResult:
+        args = [policy.max_failures, policy.window_ms, policy.lockout_ms, policy.max_lockout_ms, policy.level_memory_ms]
+        wait = int(await guarded(self._throttle_acquire(keys=[self.keys.throttle(key)], args=args)))
+        return ThrottleResult(wait == 0, wait)
+
+    async def throttle_release(self, key: str) -> None:
+        await guarded(self._throttle_release(keys=[self.keys.throttle(key)], args=[]))
+
+    async def throttle_reset(self, key: str) -> None:
+        await guarded(self.client.delete(self.keys.throttle(key)))
+
+    async def _now_ms(self) -> int:
+        seconds, micros = await guarded(self.client.time())
+        return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _validated(user_id: str, session_id: str, result: Any) -> SessionRecord | None:
+    if not result:
+        return None
+    created, absolute, last, idle, username, roles = result[:6]
+    return SessionRecord(
+        session_id=session_id,
+        user_id=user_id,
+        username=_text(username),
+        roles=_roles(roles),
+        created_ms=int(created),
+        absolute_expiry_ms=int(absolute),
+        idle_expiry_ms=int(idle),
+        last_seen_ms=int(last),
+    )
+
+
+class SyncSessionChecker:
+    """Checks and extends sessions from synchronous code, with the same script as RedisStore."""
+
+    def __init__(self, client: redis.Redis, layout: KeyLayout | None = None):
+        self.keys = layout or KeyLayout()
+        self._validate = client.register_script(VALIDATE_SESSION)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "authgrpc", timeout: float = 1.0) -> SyncSessionChecker:
+        """Connect to a single Redis server or a cluster (``redis+cluster://``)."""
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(ExponentialBackoff(cap=timeout / 4, base=0.01), retries=1),
+        }
+        if url.startswith(("redis+cluster://", "rediss+cluster://")):
+            client: Any = redis.RedisCluster.from_url(url.replace("+cluster", "", 1), **options)
+        elif url.startswith("redis+sentinel://"):
+            raise ConfigurationError("the synchronous validator does not support Sentinel URLs; use the async one")
+        else:
+            client = redis.Redis.from_url(url, **options)
+        return cls(client, KeyLayout(prefix))
+
+    def validate_session(self, user_id: str, session_id: str, limits: SessionLimits) -> SessionRecord | None:
+        """Return the live session, extended, or None. Raises StoreUnavailable."""
+        keys = [self.keys.session(user_id, session_id), self.keys.user(user_id)]
+        try:
+            result = self._validate(keys=keys, args=[limits.idle_ms, limits.touch_interval_ms])
+        except _UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(f"session store is unavailable: {type(exc).__name__}") from exc
+        return _validated(user_id, session_id, result)
