@@ -58,20 +58,24 @@ class Authenticator:
         self.limits = settings.limits
         self.validator = AsyncLocalValidator(verifier, store, self.limits)
 
-    async def login(self, username: str, password: str, *, peer: str, user_agent: str) -> LoginResult:
+    async def login(
+        self, username: str, password: str, *, peer: str, user_agent: str
+    ) -> LoginResult:
         """Check credentials and create a session.
 
         Raises InvalidArgument before any hashing for an empty or oversized
         field, Throttled during a lockout, and Unauthenticated with one
         message for an unknown user, a wrong password and a disabled user.
         """
-        check_password_size(password)
         name = normalize_username(username)
+        check_password_size(password)
         user_key, peer_key = f"u:{name}", f"ip:{peer}"
         await self._acquire_attempt(user_key, peer_key, name, peer)
         user = await self.store.get_user_by_name(name)
         usable = user is not None and not user.disabled
-        matched = await self.hasher.verify(user.password_hash if usable and user else None, password)
+        matched = await self.hasher.verify(
+            user.password_hash if usable and user else None, password
+        )
         if not matched or user is None:
             log.info("login failed: username=%r peer=%s", name, peer)
             raise Unauthenticated(Reason.INVALID_CREDENTIALS, _BAD_CREDENTIALS)
@@ -81,7 +85,10 @@ class Authenticator:
         result = await self._create_session(user, peer, user_agent)
         log.info(
             "login succeeded: username=%r user_id=%s session_id=%s peer=%s",
-            name, user.user_id, result.session.session_id, peer,
+            name,
+            user.user_id,
+            result.session.session_id,
+            peer,
         )
         return result
 
@@ -97,13 +104,20 @@ class Authenticator:
         """
         claims = self.verifier.verify(token, verify_exp=False)
         ended = await self.store.end_session(claims.user_id, claims.session_id)
-        log.info("logout: user_id=%s session_id=%s was_live=%s", claims.user_id, claims.session_id, ended)
+        log.info(
+            "logout: user_id=%s session_id=%s was_live=%s",
+            claims.user_id,
+            claims.session_id,
+            ended,
+        )
         return ended
 
     async def refresh(self, token: str) -> LoginResult:
         """Exchange a refresh token for new tokens, ending the session on reuse."""
         presented = refresh.parse(token)
-        state = await self.store.get_refresh_state(presented.user_id, presented.session_id)
+        state = await self.store.get_refresh_state(
+            presented.user_id, presented.session_id
+        )
         if state is None:
             raise Unauthenticated(Reason.SESSION_ENDED, "session has ended")
         following = presented.next(state.rotation_key)
@@ -118,17 +132,25 @@ class Authenticator:
         if outcome is RefreshOutcome.REUSED:
             log.warning(
                 "refresh token reuse, session ended: user_id=%s session_id=%s",
-                presented.user_id, presented.session_id,
+                presented.user_id,
+                presented.session_id,
             )
             raise Unauthenticated(
                 Reason.REFRESH_TOKEN_REUSED,
                 "refresh token was already used, so the session has been ended; log in again",
             )
         if outcome is RefreshOutcome.INVALID:
-            raise Unauthenticated(Reason.REFRESH_TOKEN_INVALID, "refresh token is not valid for this session")
+            raise Unauthenticated(
+                Reason.REFRESH_TOKEN_INVALID,
+                "refresh token is not valid for this session",
+            )
         if session is None:
             raise Unauthenticated(Reason.SESSION_ENDED, "session has ended")
-        access = self.issuer.issue(session.user_id, session.session_id, not_after=session.absolute_expiry_ms / 1000)
+        access = self.issuer.issue(
+            session.user_id,
+            session.session_id,
+            not_after=session.absolute_expiry_ms / 1000,
+        )
         return LoginResult(access, following.encode(), session)
 
     async def list_sessions(self, user_id: str) -> list[SessionRecord]:
@@ -140,16 +162,28 @@ class Authenticator:
         if not session_id or len(session_id) > 64:
             raise InvalidArgument("session_id", "session_id must be 1 to 64 characters")
         ended = await self.store.end_session(user_id, session_id)
-        log.info("session revoked: user_id=%s session_id=%s was_live=%s", user_id, session_id, ended)
+        log.info(
+            "session revoked: user_id=%s session_id=%s was_live=%s",
+            user_id,
+            session_id,
+            ended,
+        )
         return ended
 
     async def logout_all(self, user_id: str, keep_session_id: str | None) -> int:
         """End every session of a user except ``keep_session_id``; return how many ended."""
         ended = await self.store.end_all_sessions(user_id, keep_session_id)
-        log.info("logout all: user_id=%s ended=%d kept=%s", user_id, ended, keep_session_id or "-")
+        log.info(
+            "logout all: user_id=%s ended=%d kept=%s",
+            user_id,
+            ended,
+            keep_session_id or "-",
+        )
         return ended
 
-    async def _acquire_attempt(self, user_key: str, peer_key: str, name: str, peer: str) -> None:
+    async def _acquire_attempt(
+        self, user_key: str, peer_key: str, name: str, peer: str
+    ) -> None:
         policy = self.settings.throttle
         by_user = await self.store.throttle_acquire(user_key, policy)
         if not by_user.allowed:
@@ -159,18 +193,34 @@ class Authenticator:
             await self.store.throttle_release(user_key)
             self._reject_throttled(by_peer.retry_after_ms, name, peer, "peer")
 
-    def _reject_throttled(self, retry_after_ms: int, name: str, peer: str, scope: str) -> None:
-        log.warning("login throttled by %s: username=%r peer=%s retry_after_ms=%d", scope, name, peer, retry_after_ms)
-        raise Throttled("too many failed login attempts; try again later", retry_after_ms / 1000)
+    def _reject_throttled(
+        self, retry_after_ms: int, name: str, peer: str, scope: str
+    ) -> None:
+        log.warning(
+            "login throttled by %s: username=%r peer=%s retry_after_ms=%d",
+            scope,
+            name,
+            peer,
+            retry_after_ms,
+        )
+        raise Throttled(
+            "too many failed login attempts; try again later", retry_after_ms / 1000
+        )
 
     async def _rehash_if_needed(self, user: UserRecord, password: str) -> None:
         if not self.hasher.needs_rehash(user.password_hash):
             return
         new_hash = await self.hasher.hash(password)
-        if await self.store.replace_password_hash(user.user_id, user.password_hash, new_hash):
-            log.info("password rehashed with current parameters: user_id=%s", user.user_id)
+        if await self.store.replace_password_hash(
+            user.user_id, user.password_hash, new_hash
+        ):
+            log.info(
+                "password rehashed with current parameters: user_id=%s", user.user_id
+            )
 
-    async def _create_session(self, user: UserRecord, peer: str, user_agent: str) -> LoginResult:
+    async def _create_session(
+        self, user: UserRecord, peer: str, user_agent: str
+    ) -> LoginResult:
         secret = refresh.new_secret()
         rotation_key = refresh.new_rotation_key()
         agent = user_agent.encode()[:MAX_USER_AGENT_BYTES].decode(errors="ignore")
@@ -179,8 +229,16 @@ class Authenticator:
         try:
             session = await self.store.create_session(user, new, self.limits)
         except UserChanged:
-            log.info("login refused, user changed during login: user_id=%s", user.user_id)
-            raise Unauthenticated(Reason.INVALID_CREDENTIALS, _BAD_CREDENTIALS) from None
+            log.info(
+                "login refused, user changed during login: user_id=%s", user.user_id
+            )
+            raise Unauthenticated(
+                Reason.INVALID_CREDENTIALS, _BAD_CREDENTIALS
+            ) from None
         token = refresh.RefreshToken(user.user_id, session.session_id, secret).encode()
-        access = self.issuer.issue(user.user_id, session.session_id, not_after=session.absolute_expiry_ms / 1000)
+        access = self.issuer.issue(
+            user.user_id,
+            session.session_id,
+            not_after=session.absolute_expiry_ms / 1000,
+        )
         return LoginResult(access, token, session)

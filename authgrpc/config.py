@@ -60,7 +60,9 @@ class Settings:
     def validate(self) -> None:
         """Raise ConfigurationError naming the first invalid setting."""
         if self.algorithm not in ALGORITHMS:
-            raise ConfigurationError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {self.algorithm!r}")
+            raise ConfigurationError(
+                f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {self.algorithm!r}"
+            )
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigurationError(f"--listen must be HOST:PORT, not {self.listen!r}")
@@ -75,9 +77,13 @@ class Settings:
             if value <= 0:
                 raise ConfigurationError(f"{name} must be positive, not {value}")
         if self.idle_timeout > self.absolute_timeout:
-            raise ConfigurationError("--idle-timeout must not exceed --absolute-timeout")
+            raise ConfigurationError(
+                "--idle-timeout must not exceed --absolute-timeout"
+            )
         if self.touch_interval < 0 or self.touch_interval >= self.idle_timeout:
-            raise ConfigurationError("--touch-interval must be at least 0 and shorter than --idle-timeout")
+            raise ConfigurationError(
+                "--touch-interval must be at least 0 and shorter than --idle-timeout"
+            )
         if self.leeway < 0 or self.leeway > 300:
             raise ConfigurationError("--leeway must be between 0 and 300 seconds")
         if self.refresh_grace < 0:
@@ -92,7 +98,9 @@ class Settings:
             try:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
-                raise ConfigurationError(f"--trusted-proxy {proxy!r} is not an IP address or network") from None
+                raise ConfigurationError(
+                    f"--trusted-proxy {proxy!r} is not an IP address or network"
+                ) from None
         if not self.dev:
             if self.signing_key is None:
                 raise ConfigurationError(

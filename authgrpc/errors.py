@@ -124,7 +124,9 @@ def to_status(error: AuthError) -> grpc.Status:
     details = [info]
     if isinstance(error, Throttled):
         retry = error_details_pb2.RetryInfo(
-            retry_delay=duration_pb2.Duration(seconds=max(1, math.ceil(error.retry_after)))
+            retry_delay=duration_pb2.Duration(
+                seconds=max(1, math.ceil(error.retry_after))
+            )
         )
         details.append(retry)
     status = status_pb2.Status(code=_CODES[error.code], message=error.message)
@@ -133,7 +135,9 @@ def to_status(error: AuthError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-def error_info(call: grpc.RpcError | grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+def error_info(
+    call: grpc.RpcError | grpc.aio.AioRpcError,
+) -> error_details_pb2.ErrorInfo | None:
     """Return the ErrorInfo of a failed call, or None if it carries none."""
     status = rpc_status.from_call(call)  # type: ignore[arg-type]
     if status is None:

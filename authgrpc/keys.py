@@ -87,7 +87,9 @@ def generate_private_key(algorithm: str) -> PrivateKey | bytes:
         return rsa.generate_private_key(public_exponent=65537, key_size=3072)
     if algorithm == "HS256":
         return secrets.token_bytes(MIN_HMAC_SECRET_BYTES)
-    raise ConfigurationError(f"unsupported algorithm {algorithm!r}; use one of {ALGORITHMS}")
+    raise ConfigurationError(
+        f"unsupported algorithm {algorithm!r}; use one of {ALGORITHMS}"
+    )
 
 
 def key_file_bytes(key: PrivateKey | bytes) -> bytes:
@@ -118,7 +120,9 @@ def write_private_file(path: Path, data: bytes) -> None:
 def generate_key_file(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> str:
     """Write a new key to ``path`` and return its kid. Refuses to overwrite."""
     if path.exists():
-        raise ConfigurationError(f"{path} already exists; remove it or choose another path")
+        raise ConfigurationError(
+            f"{path} already exists; remove it or choose another path"
+        )
     key = generate_private_key(algorithm)
     write_private_file(path, key_file_bytes(key))
     return key_id(key, algorithm)
@@ -160,7 +164,9 @@ def load_signing_keys(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> KeySet:
     if path.is_dir():
         files = _key_files(path)
         if not files:
-            raise ConfigurationError(f"key directory {path} contains no *.pem or *.secret files")
+            raise ConfigurationError(
+                f"key directory {path} contains no *.pem or *.secret files"
+            )
         active = _read_active(path)
         if active not in files:
             raise ConfigurationError(
@@ -168,7 +174,10 @@ def load_signing_keys(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> KeySet:
             )
         loaded = {kid: _load_private(file, algorithm) for kid, file in files.items()}
         signing = SigningKey(active, algorithm, loaded[active])
-        verification = {kid: SigningKey(kid, algorithm, k).verification_key for kid, k in loaded.items()}
+        verification = {
+            kid: SigningKey(kid, algorithm, k).verification_key
+            for kid, k in loaded.items()
+        }
         return KeySet(algorithm, verification, signing)
     if not path.exists():
         raise ConfigurationError(
@@ -210,7 +219,9 @@ def keyset_from_jwks(document: str, algorithm: str = DEFAULT_ALGORITHM) -> KeySe
         try:
             keys[kid] = jwt.PyJWK(entry, algorithm).key
         except jwt.PyJWTError as exc:
-            raise ConfigurationError(f"invalid JWK {kid!r} in JWKS document: {exc}") from None
+            raise ConfigurationError(
+                f"invalid JWK {kid!r} in JWKS document: {exc}"
+            ) from None
     return KeySet(algorithm, keys)
 
 
@@ -221,7 +232,11 @@ def key_id(key: PrivateKey | bytes, algorithm: str) -> str:
         members: dict[str, Any] = {"k": secret, "kty": "oct"}
     else:
         jwk = _public_jwk(key.public_key())
-        required = {"OKP": ("crv", "kty", "x"), "EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}
+        required = {
+            "OKP": ("crv", "kty", "x"),
+            "EC": ("crv", "kty", "x", "y"),
+            "RSA": ("e", "kty", "n"),
+        }
         members = {name: jwk[name] for name in required[jwk["kty"]]}
     canonical = json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
     digest = hashlib.sha256(canonical).digest()
@@ -255,7 +270,9 @@ def _load_private(path: Path, algorithm: str) -> PrivateKey | bytes:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ConfigurationError(f"cannot read key file {path}: {exc.strerror}") from None
+        raise ConfigurationError(
+            f"cannot read key file {path}: {exc.strerror}"
+        ) from None
     if algorithm == "HS256":
         return _load_secret(path, data)
     try:
@@ -271,13 +288,23 @@ def _load_private(path: Path, algorithm: str) -> PrivateKey | bytes:
         "RS256": rsa.RSAPrivateKey,
     }
     if algorithm not in expected:
-        raise ConfigurationError(f"unsupported algorithm {algorithm!r}; use one of {ALGORITHMS}")
+        raise ConfigurationError(
+            f"unsupported algorithm {algorithm!r}; use one of {ALGORITHMS}"
+        )
     if not isinstance(key, expected[algorithm]):
-        raise ConfigurationError(f"{path} holds a {type(key).__name__}, which cannot sign {algorithm}")
-    if isinstance(key, ec.EllipticCurvePrivateKey) and not isinstance(key.curve, ec.SECP256R1):
-        raise ConfigurationError(f"{path} is on curve {key.curve.name}; ES256 needs P-256")
+        raise ConfigurationError(
+            f"{path} holds a {type(key).__name__}, which cannot sign {algorithm}"
+        )
+    if isinstance(key, ec.EllipticCurvePrivateKey) and not isinstance(
+        key.curve, ec.SECP256R1
+    ):
+        raise ConfigurationError(
+            f"{path} is on curve {key.curve.name}; ES256 needs P-256"
+        )
     if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 2048:
-        raise ConfigurationError(f"{path} is a {key.key_size}-bit RSA key; RS256 needs 2048 or more")
+        raise ConfigurationError(
+            f"{path} is a {key.key_size}-bit RSA key; RS256 needs 2048 or more"
+        )
     return key  # type: ignore[return-value]
 
 

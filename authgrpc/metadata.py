@@ -23,20 +23,29 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     if not values:
         raise Unauthenticated(Reason.TOKEN_MISSING, "authorization metadata is missing")
     if len(values) > 1:
-        raise Unauthenticated(Reason.TOKEN_MALFORMED, "more than one authorization metadata value")
+        raise Unauthenticated(
+            Reason.TOKEN_MALFORMED, "more than one authorization metadata value"
+        )
     value = values[0]
     if isinstance(value, bytes):
-        raise Unauthenticated(Reason.TOKEN_MALFORMED, "authorization metadata must be text")
+        raise Unauthenticated(
+            Reason.TOKEN_MALFORMED, "authorization metadata must be text"
+        )
     if len(value) > MAX_AUTHORIZATION_BYTES:
         raise Unauthenticated(
-            Reason.TOKEN_MALFORMED, f"authorization metadata is longer than {MAX_AUTHORIZATION_BYTES} bytes"
+            Reason.TOKEN_MALFORMED,
+            f"authorization metadata is longer than {MAX_AUTHORIZATION_BYTES} bytes",
         )
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != _SCHEME:
-        raise Unauthenticated(Reason.TOKEN_MISSING, "authorization metadata must use the Bearer scheme")
+        raise Unauthenticated(
+            Reason.TOKEN_MISSING, "authorization metadata must use the Bearer scheme"
+        )
     token = token.strip()
     if not token:
-        raise Unauthenticated(Reason.TOKEN_MISSING, "authorization metadata has an empty Bearer token")
+        raise Unauthenticated(
+            Reason.TOKEN_MISSING, "authorization metadata has an empty Bearer token"
+        )
     return token
 
 
@@ -76,7 +85,9 @@ def client_address(
     return address
 
 
-def _is_trusted(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+def _is_trusted(
+    address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

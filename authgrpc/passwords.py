@@ -29,12 +29,16 @@ def normalize_username(raw: str, field: str = "username") -> str:
     the raw value), or contains control characters.
     """
     if len(raw.encode("utf-8", "surrogatepass")) > MAX_USERNAME_BYTES:
-        raise InvalidArgument(field, f"{field} is longer than {MAX_USERNAME_BYTES} bytes")
+        raise InvalidArgument(
+            field, f"{field} is longer than {MAX_USERNAME_BYTES} bytes"
+        )
     username = unicodedata.normalize("NFKC", raw).casefold().strip()
     if not username:
         raise InvalidArgument(field, f"{field} is empty")
     if any(unicodedata.category(char).startswith("C") for char in username):
-        raise InvalidArgument(field, f"{field} contains control or unassigned characters")
+        raise InvalidArgument(
+            field, f"{field} contains control or unassigned characters"
+        )
     return username
 
 
@@ -43,14 +47,18 @@ def check_password_size(password: str, field: str = "password") -> None:
     if not password:
         raise InvalidArgument(field, f"{field} is empty")
     if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
-        raise InvalidArgument(field, f"{field} is longer than {MAX_PASSWORD_BYTES} bytes")
+        raise InvalidArgument(
+            field, f"{field} is longer than {MAX_PASSWORD_BYTES} bytes"
+        )
 
 
 def check_new_password(password: str, field: str = "password") -> None:
     """Check a password that is being set: the size limits and a minimum length."""
     check_password_size(password, field)
     if len(password) < MIN_PASSWORD_CHARACTERS:
-        raise InvalidArgument(field, f"{field} must be at least {MIN_PASSWORD_CHARACTERS} characters")
+        raise InvalidArgument(
+            field, f"{field} must be at least {MIN_PASSWORD_CHARACTERS} characters"
+        )
 
 
 class PasswordHasher:
@@ -64,7 +72,9 @@ class PasswordHasher:
 
     def __init__(self, hasher: argon2.PasswordHasher | None = None, workers: int = 2):
         self._hasher = hasher or argon2.PasswordHasher()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argon2")
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="argon2"
+        )
         self._dummy_hash = self._hasher.hash("dummy password for timing equalization")
 
     def hash_sync(self, password: str) -> str:
@@ -73,12 +83,16 @@ class PasswordHasher:
 
     async def hash(self, password: str) -> str:
         """Hash a password on the pool."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._hasher.hash, password)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._hasher.hash, password
+        )
 
     async def verify(self, password_hash: str | None, password: str) -> bool:
         """Return whether ``password`` matches; with no hash, spend the same time and return False."""
         target = password_hash or self._dummy_hash
-        matched = await asyncio.get_running_loop().run_in_executor(self._pool, self._verify, target, password)
+        matched = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._verify, target, password
+        )
         return matched and password_hash is not None
 
     def needs_rehash(self, password_hash: str) -> bool:

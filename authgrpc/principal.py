@@ -20,7 +20,9 @@ class Principal:
         return role in self.roles
 
 
-_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("authgrpc_principal", default=None)
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "authgrpc_principal", default=None
+)
 
 
 class NoPrincipalError(LookupError):

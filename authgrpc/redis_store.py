@@ -261,7 +261,9 @@ class KeyLayout:
 
     def __init__(self, prefix: str = "authgrpc"):
         if not prefix or "{" in prefix or "}" in prefix:
-            raise ConfigurationError(f"Redis key prefix {prefix!r} must be non-empty and contain no braces")
+            raise ConfigurationError(
+                f"Redis key prefix {prefix!r} must be non-empty and contain no braces"
+            )
         self.prefix = prefix
         self.channel = f"{prefix}:ended"
         self.users = f"{prefix}:users"
@@ -316,10 +318,14 @@ def connect(url: str, *, timeout: float = 1.0, decode: bool = False) -> Any:
             hosts.append((host.strip("[]") or "127.0.0.1", int(port or 26379)))
         service = parts.path.strip("/")
         if not service:
-            raise ConfigurationError(f"Sentinel URL {url!r} must name the service: redis+sentinel://host:port/<service>")
+            raise ConfigurationError(
+                f"Sentinel URL {url!r} must name the service: redis+sentinel://host:port/<service>"
+            )
         query = parse_qs(parts.query)
         db = int(query.get("db", ["0"])[0])
-        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": timeout}, **options)
+        sentinel = Sentinel(
+            hosts, sentinel_kwargs={"socket_timeout": timeout}, **options
+        )
         return sentinel.master_for(service, db=db, password=parts.password)
     raise ConfigurationError(
         f"unsupported Redis URL scheme {scheme!r}; use redis://, rediss://, "
@@ -332,10 +338,16 @@ async def guarded(operation: Awaitable[T]) -> T:
     try:
         return await operation
     except _UNAVAILABLE_ERRORS as exc:
-        raise StoreUnavailable(f"session store is unavailable: {type(exc).__name__}") from exc
+        raise StoreUnavailable(
+            f"session store is unavailable: {type(exc).__name__}"
+        ) from exc
     except redis.exceptions.ResponseError as exc:
-        if str(exc).startswith(("LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY")):
-            raise StoreUnavailable(f"session store is unavailable: {str(exc).split()[0]}") from exc
+        if str(exc).startswith(
+            ("LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY")
+        ):
+            raise StoreUnavailable(
+                f"session store is unavailable: {str(exc).split()[0]}"
+            ) from exc
         raise
 
 
@@ -365,7 +377,9 @@ class RedisStore:
         self._throttle_release = client.register_script(THROTTLE_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "authgrpc", timeout: float = 1.0) -> RedisStore:
+    def from_url(
+        cls, url: str, *, prefix: str = "authgrpc", timeout: float = 1.0
+    ) -> RedisStore:
         """Connect to the Redis at ``url`` (see :func:`connect` for the schemes)."""
         return cls(connect(url, timeout=timeout), KeyLayout(prefix))
 
@@ -375,7 +389,9 @@ class RedisStore:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def create_user(self, username: str, password_hash: str, roles: tuple[str, ...]) -> UserRecord:
+    async def create_user(
+        self, username: str, password_hash: str, roles: tuple[str, ...]
+    ) -> UserRecord:
         user_id = new_id()
         name_key = self.keys.username(username)
         if not await guarded(self.client.set(name_key, user_id, nx=True)):
@@ -384,8 +400,21 @@ class RedisStore:
                 raise UsernameTaken(f"user {username!r} already exists")
             # The name points at a user record that an interrupted add never wrote.
             await guarded(self.client.set(name_key, user_id))
-        user = UserRecord(user_id, username, password_hash, tuple(roles), created_ms=await self._now_ms())
-        fields = {"n": username, "h": password_hash, "r": ",".join(roles), "d": 0, "g": 0, "c": user.created_ms}
+        user = UserRecord(
+            user_id,
+            username,
+            password_hash,
+            tuple(roles),
+            created_ms=await self._now_ms(),
+        )
+        fields = {
+            "n": username,
+            "h": password_hash,
+            "r": ",".join(roles),
+            "d": 0,
+            "g": 0,
+            "c": user.created_ms,
+        }
         await guarded(self.client.hset(self.keys.user(user_id), mapping=fields))
         await guarded(self.client.sadd(self.keys.users, username))
         return user
@@ -412,16 +441,26 @@ class RedisStore:
         return user if user is not None and user.username == username else None
 
     async def list_users(self) -> list[UserRecord]:
-        names = sorted(_text(name) for name in await guarded(self.client.smembers(self.keys.users)))
+        names = sorted(
+            _text(name) for name in await guarded(self.client.smembers(self.keys.users))
+        )
         users = [await self.get_user_by_name(name) for name in names]
         return [user for user in users if user is not None]
 
-    async def replace_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool:
-        replaced = await guarded(self._replace_hash(keys=[self.keys.user(user_id)], args=[old_hash, new_hash]))
+    async def replace_password_hash(
+        self, user_id: str, old_hash: str, new_hash: str
+    ) -> bool:
+        replaced = await guarded(
+            self._replace_hash(
+                keys=[self.keys.user(user_id)], args=[old_hash, new_hash]
+            )
+        )
         return bool(replaced)
 
     async def set_password_hash(self, user_id: str, new_hash: str) -> int:
-        return await self._end_all_with(user_id, "", disabled="", password_hash=new_hash)
+        return await self._end_all_with(
+            user_id, "", disabled="", password_hash=new_hash
+        )
 
     async def set_disabled(self, user_id: str, disabled: bool) -> int:
         if disabled:
@@ -432,10 +471,16 @@ class RedisStore:
     async def set_roles(self, user_id: str, roles: tuple[str, ...]) -> None:
         await guarded(self.client.hset(self.keys.user(user_id), "r", ",".join(roles)))
 
-    async def create_session(self, user: UserRecord, new: NewSession, limits: SessionLimits) -> SessionRecord:
+    async def create_session(
+        self, user: UserRecord, new: NewSession, limits: SessionLimits
+    ) -> SessionRecord:
         for _ in range(3):
             session_id = new_id()
-            keys = [self.keys.user(user.user_id), self.keys.index(user.user_id), self.keys.session(user.user_id, session_id)]
+            keys = [
+                self.keys.user(user.user_id),
+                self.keys.index(user.user_id),
+                self.keys.session(user.user_id, session_id),
+            ]
             args = [
                 user.generation,
                 limits.idle_ms,
@@ -467,31 +512,57 @@ class RedisStore:
                 )
             if result[0] == 0:
                 raise UserChanged(f"user {user.username!r} changed during login")
-        raise StoreUnavailable("could not allocate a unique session id")  # 128 random bits: unreachable
+        raise StoreUnavailable(
+            "could not allocate a unique session id"
+        )  # 128 random bits: unreachable
 
-    async def validate_session(self, user_id: str, session_id: str, limits: SessionLimits) -> SessionRecord | None:
+    async def validate_session(
+        self, user_id: str, session_id: str, limits: SessionLimits
+    ) -> SessionRecord | None:
         keys = [self.keys.session(user_id, session_id), self.keys.user(user_id)]
-        result = await guarded(self._validate(keys=keys, args=[limits.idle_ms, limits.touch_interval_ms]))
+        result = await guarded(
+            self._validate(keys=keys, args=[limits.idle_ms, limits.touch_interval_ms])
+        )
         return _validated(user_id, session_id, result)
 
     async def end_session(self, user_id: str, session_id: str) -> bool:
         keys = [self.keys.session(user_id, session_id), self.keys.index(user_id)]
-        ended = await guarded(self._end(keys=keys, args=[session_id, self.keys.channel, user_id]))
+        ended = await guarded(
+            self._end(keys=keys, args=[session_id, self.keys.channel, user_id])
+        )
         return bool(ended)
 
-    async def end_all_sessions(self, user_id: str, keep_session_id: str | None = None) -> int:
-        return await self._end_all_with(user_id, keep_session_id or "", disabled="", password_hash="")
+    async def end_all_sessions(
+        self, user_id: str, keep_session_id: str | None = None
+    ) -> int:
+        return await self._end_all_with(
+            user_id, keep_session_id or "", disabled="", password_hash=""
+        )
 
-    async def _end_all_with(self, user_id: str, keep: str, *, disabled: str, password_hash: str) -> int:
+    async def _end_all_with(
+        self, user_id: str, keep: str, *, disabled: str, password_hash: str
+    ) -> int:
         keys = [self.keys.user(user_id), self.keys.index(user_id)]
-        args = [self.keys.session_prefix(user_id), keep, self.keys.channel, user_id, disabled, password_hash]
+        args = [
+            self.keys.session_prefix(user_id),
+            keep,
+            self.keys.channel,
+            user_id,
+            disabled,
+            password_hash,
+        ]
         return int(await guarded(self._end_all(keys=keys, args=args)))
 
     async def list_sessions(self, user_id: str) -> list[SessionRecord]:
         user = await self.get_user(user_id)
         if user is None:
             return []
-        rows = await guarded(self._list(keys=[self.keys.index(user_id)], args=[self.keys.session_prefix(user_id)]))
+        rows = await guarded(
+            self._list(
+                keys=[self.keys.index(user_id)],
+                args=[self.keys.session_prefix(user_id)],
+            )
+        )
         records = []
         for session_id, created, absolute, last, idle, peer, agent in rows:
             records.append(
@@ -510,9 +581,13 @@ class RedisStore:
             )
         return sorted(records, key=lambda record: record.created_ms)
 
-    async def get_refresh_state(self, user_id: str, session_id: str) -> RefreshState | None:
+    async def get_refresh_state(
+        self, user_id: str, session_id: str
+    ) -> RefreshState | None:
         key = self.keys.session(user_id, session_id)
-        rotation_key, current, previous, grace = await guarded(self.client.hmget(key, "k", "r", "p", "q"))
+        rotation_key, current, previous, grace = await guarded(
+            self.client.hmget(key, "k", "r", "p", "q")
+        )
         if rotation_key is None or current is None:
             return None
         return RefreshState(rotation_key, current, previous or b"", int(grace or 0))
@@ -526,17 +601,41 @@ class RedisStore:
         grace_ms: int,
         limits: SessionLimits,
     ) -> tuple[RefreshOutcome, SessionRecord | None]:
-        keys = [self.keys.session(user_id, session_id), self.keys.index(user_id), self.keys.user(user_id)]
-        args = [presented_hash, new_hash, grace_ms, limits.idle_ms, self.keys.channel, user_id, session_id]
+        keys = [
+            self.keys.session(user_id, session_id),
+            self.keys.index(user_id),
+            self.keys.user(user_id),
+        ]
+        args = [
+            presented_hash,
+            new_hash,
+            grace_ms,
+            limits.idle_ms,
+            self.keys.channel,
+            user_id,
+            session_id,
+        ]
         result = await guarded(self._commit_refresh(keys=keys, args=args))
         outcome = RefreshOutcome(_text(result[0]))
         if outcome not in (RefreshOutcome.ROTATED, RefreshOutcome.REPLAYED):
             return outcome, None
         return outcome, _validated(user_id, session_id, result[1:])
 
-    async def throttle_acquire(self, key: str, policy: ThrottlePolicy) -> ThrottleResult:
-        args = [policy.max_failures, policy.window_ms, policy.lockout_ms, policy.max_lockout_ms, policy.level_memory_ms]
-        wait = int(await guarded(self._throttle_acquire(keys=[self.keys.throttle(key)], args=args)))
+    async def throttle_acquire(
+        self, key: str, policy: ThrottlePolicy
+    ) -> ThrottleResult:
+        args = [
+            policy.max_failures,
+            policy.window_ms,
+            policy.lockout_ms,
+            policy.max_lockout_ms,
+            policy.level_memory_ms,
+        ]
+        wait = int(
+            await guarded(
+                self._throttle_acquire(keys=[self.keys.throttle(key)], args=args)
+            )
+        )
         return ThrottleResult(wait == 0, wait)
 
     async def throttle_release(self, key: str) -> None:
@@ -574,7 +673,9 @@ class SyncSessionChecker:
         self._validate = client.register_script(VALIDATE_SESSION)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "authgrpc", timeout: float = 1.0) -> SyncSessionChecker:
+    def from_url(
+        cls, url: str, *, prefix: str = "authgrpc", timeout: float = 1.0
+    ) -> SyncSessionChecker:
         """Connect to a single Redis server or a cluster (``redis+cluster://``)."""
         options: dict[str, Any] = {
             "socket_timeout": timeout,
@@ -582,18 +683,28 @@ class SyncSessionChecker:
             "retry": Retry(ExponentialBackoff(cap=timeout / 4, base=0.01), retries=1),
         }
         if url.startswith(("redis+cluster://", "rediss+cluster://")):
-            client: Any = redis.RedisCluster.from_url(url.replace("+cluster", "", 1), **options)
+            client: Any = redis.RedisCluster.from_url(
+                url.replace("+cluster", "", 1), **options
+            )
         elif url.startswith("redis+sentinel://"):
-            raise ConfigurationError("the synchronous validator does not support Sentinel URLs; use the async one")
+            raise ConfigurationError(
+                "the synchronous validator does not support Sentinel URLs; use the async one"
+            )
         else:
             client = redis.Redis.from_url(url, **options)
         return cls(client, KeyLayout(prefix))
 
-    def validate_session(self, user_id: str, session_id: str, limits: SessionLimits) -> SessionRecord | None:
+    def validate_session(
+        self, user_id: str, session_id: str, limits: SessionLimits
+    ) -> SessionRecord | None:
         """Return the live session, extended, or None. Raises StoreUnavailable."""
         keys = [self.keys.session(user_id, session_id), self.keys.user(user_id)]
         try:
-            result = self._validate(keys=keys, args=[limits.idle_ms, limits.touch_interval_ms])
+            result = self._validate(
+                keys=keys, args=[limits.idle_ms, limits.touch_interval_ms]
+            )
         except _UNAVAILABLE_ERRORS as exc:
-            raise StoreUnavailable(f"session store is unavailable: {type(exc).__name__}") from exc
+            raise StoreUnavailable(
+                f"session store is unavailable: {type(exc).__name__}"
+            ) from exc
         return _validated(user_id, session_id, result)

@@ -69,7 +69,9 @@ def parse(token: str) -> RefreshToken:
         raise Unauthenticated(Reason.REFRESH_TOKEN_INVALID, "refresh token is too long")
     match = _PATTERN.match(token)
     if match is None:
-        raise Unauthenticated(Reason.REFRESH_TOKEN_INVALID, "refresh token is malformed")
+        raise Unauthenticated(
+            Reason.REFRESH_TOKEN_INVALID, "refresh token is malformed"
+        )
     user_id, session_id, text = match.groups()
     secret = base64.urlsafe_b64decode(text + "=")
     return RefreshToken(user_id, session_id, secret)

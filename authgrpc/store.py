@@ -139,11 +139,15 @@ class SessionStore(Protocol):
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
 
-    async def create_user(self, username: str, password_hash: str, roles: tuple[str, ...]) -> UserRecord: ...
+    async def create_user(
+        self, username: str, password_hash: str, roles: tuple[str, ...]
+    ) -> UserRecord: ...
     async def get_user(self, user_id: str) -> UserRecord | None: ...
     async def get_user_by_name(self, username: str) -> UserRecord | None: ...
     async def list_users(self) -> list[UserRecord]: ...
-    async def replace_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool: ...
+    async def replace_password_hash(
+        self, user_id: str, old_hash: str, new_hash: str
+    ) -> bool: ...
     async def set_password_hash(self, user_id: str, new_hash: str) -> int: ...
     async def set_disabled(self, user_id: str, disabled: bool) -> int: ...
     async def set_roles(self, user_id: str, roles: tuple[str, ...]) -> None: ...
@@ -155,9 +159,13 @@ class SessionStore(Protocol):
         self, user_id: str, session_id: str, limits: SessionLimits
     ) -> SessionRecord | None: ...
     async def end_session(self, user_id: str, session_id: str) -> bool: ...
-    async def end_all_sessions(self, user_id: str, keep_session_id: str | None = None) -> int: ...
+    async def end_all_sessions(
+        self, user_id: str, keep_session_id: str | None = None
+    ) -> int: ...
     async def list_sessions(self, user_id: str) -> list[SessionRecord]: ...
-    async def get_refresh_state(self, user_id: str, session_id: str) -> RefreshState | None: ...
+    async def get_refresh_state(
+        self, user_id: str, session_id: str
+    ) -> RefreshState | None: ...
     async def commit_refresh(
         self,
         user_id: str,
@@ -168,7 +176,9 @@ class SessionStore(Protocol):
         limits: SessionLimits,
     ) -> tuple[RefreshOutcome, SessionRecord | None]: ...
 
-    async def throttle_acquire(self, key: str, policy: ThrottlePolicy) -> ThrottleResult: ...
+    async def throttle_acquire(
+        self, key: str, policy: ThrottlePolicy
+    ) -> ThrottleResult: ...
     async def throttle_release(self, key: str) -> None: ...
     async def throttle_reset(self, key: str) -> None: ...
 
@@ -201,7 +211,11 @@ class MemoryStore:
     ``(user_id, None)`` for all of a user's sessions, whenever sessions end.
     """
 
-    def __init__(self, clock: Clock = wall_clock_ms, on_session_end: SessionEndListener | None = None):
+    def __init__(
+        self,
+        clock: Clock = wall_clock_ms,
+        on_session_end: SessionEndListener | None = None,
+    ):
         self.clock = clock
         self.on_session_end = on_session_end
         self._users: dict[str, UserRecord] = {}
@@ -215,10 +229,14 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
-    async def create_user(self, username: str, password_hash: str, roles: tuple[str, ...]) -> UserRecord:
+    async def create_user(
+        self, username: str, password_hash: str, roles: tuple[str, ...]
+    ) -> UserRecord:
         if username in self._names:
             raise UsernameTaken(f"user {username!r} already exists")
-        user = UserRecord(new_id(), username, password_hash, tuple(roles), created_ms=self.clock())
+        user = UserRecord(
+            new_id(), username, password_hash, tuple(roles), created_ms=self.clock()
+        )
         self._users[user.user_id] = user
         self._names[username] = user.user_id
         return user
@@ -233,7 +251,9 @@ class MemoryStore:
     async def list_users(self) -> list[UserRecord]:
         return sorted(self._users.values(), key=lambda user: user.username)
 
-    async def replace_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool:
+    async def replace_password_hash(
+        self, user_id: str, old_hash: str, new_hash: str
+    ) -> bool:
         user = self._users.get(user_id)
         if user is None or user.password_hash != old_hash:
             return False
@@ -253,7 +273,9 @@ class MemoryStore:
     async def set_roles(self, user_id: str, roles: tuple[str, ...]) -> None:
         self._users[user_id] = replace(self._users[user_id], roles=tuple(roles))
 
-    async def create_session(self, user: UserRecord, new: NewSession, limits: SessionLimits) -> SessionRecord:
+    async def create_session(
+        self, user: UserRecord, new: NewSession, limits: SessionLimits
+    ) -> SessionRecord:
         now = self.clock()
         current = self._users.get(user.user_id)
         if current is None or current.disabled or current.generation != user.generation:
@@ -282,7 +304,9 @@ class MemoryStore:
         self._sessions[user.user_id] = sessions
         return record
 
-    async def validate_session(self, user_id: str, session_id: str, limits: SessionLimits) -> SessionRecord | None:
+    async def validate_session(
+        self, user_id: str, session_id: str, limits: SessionLimits
+    ) -> SessionRecord | None:
         now = self.clock()
         stored = self._live_sessions(user_id, now).get(session_id)
         user = self._users.get(user_id)
@@ -299,7 +323,9 @@ class MemoryStore:
         self._drop(user_id, session_id)
         return True
 
-    async def end_all_sessions(self, user_id: str, keep_session_id: str | None = None) -> int:
+    async def end_all_sessions(
+        self, user_id: str, keep_session_id: str | None = None
+    ) -> int:
         user = self._users.get(user_id)
         if user is not None:
             self._users[user_id] = replace(user, generation=user.generation + 1)
@@ -317,7 +343,9 @@ class MemoryStore:
         records = [self._view(stored, user) for stored in sessions]
         return sorted(records, key=lambda record: record.created_ms)
 
-    async def get_refresh_state(self, user_id: str, session_id: str) -> RefreshState | None:
+    async def get_refresh_state(
+        self, user_id: str, session_id: str
+    ) -> RefreshState | None:
         stored = self._live_sessions(user_id, self.clock()).get(session_id)
         return stored.refresh if stored else None
 
@@ -337,10 +365,16 @@ class MemoryStore:
             return RefreshOutcome.ENDED, None
         state = stored.refresh
         if secrets.compare_digest(presented_hash, state.current_hash):
-            stored.refresh = RefreshState(state.rotation_key, new_hash, presented_hash, now + grace_ms)
+            stored.refresh = RefreshState(
+                state.rotation_key, new_hash, presented_hash, now + grace_ms
+            )
             outcome = RefreshOutcome.ROTATED
-        elif state.previous_hash and secrets.compare_digest(presented_hash, state.previous_hash):
-            if now >= state.grace_until_ms or not secrets.compare_digest(new_hash, state.current_hash):
+        elif state.previous_hash and secrets.compare_digest(
+            presented_hash, state.previous_hash
+        ):
+            if now >= state.grace_until_ms or not secrets.compare_digest(
+                new_hash, state.current_hash
+            ):
                 self._drop(user_id, session_id)
                 return RefreshOutcome.REUSED, None
             outcome = RefreshOutcome.REPLAYED
@@ -349,7 +383,9 @@ class MemoryStore:
         self._touch(stored, now, limits)
         return outcome, self._view(stored, user)
 
-    async def throttle_acquire(self, key: str, policy: ThrottlePolicy) -> ThrottleResult:
+    async def throttle_acquire(
+        self, key: str, policy: ThrottlePolicy
+    ) -> ThrottleResult:
         now = self.clock()
         counter = self._counters.get(key)
         if counter is None or counter.expires_ms <= now:
@@ -378,7 +414,12 @@ class MemoryStore:
         self._counters.pop(key, None)
 
     def _view(self, stored: _MemorySession, user: UserRecord) -> SessionRecord:
-        return replace(stored.record, username=user.username, roles=user.roles, idle_expiry_ms=stored.expires_ms)
+        return replace(
+            stored.record,
+            username=user.username,
+            roles=user.roles,
+            idle_expiry_ms=stored.expires_ms,
+        )
 
     def _touch(self, stored: _MemorySession, now: int, limits: SessionLimits) -> None:
         stored.expires_ms = min(now + limits.idle_ms, stored.record.absolute_expiry_ms)

@@ -52,7 +52,9 @@ class IssuedToken:
 class TokenIssuer:
     """Signs access tokens with the key set's active key."""
 
-    def __init__(self, keys: KeySet, *, issuer: str, audience: str, lifetime_seconds: int):
+    def __init__(
+        self, keys: KeySet, *, issuer: str, audience: str, lifetime_seconds: int
+    ):
         if keys.signing_key is None:
             raise ConfigurationError("the key set has no signing key")
         self.keys = keys
@@ -60,7 +62,9 @@ class TokenIssuer:
         self.audience = audience
         self.lifetime_seconds = lifetime_seconds
 
-    def issue(self, user_id: str, session_id: str, *, not_after: float | None = None) -> IssuedToken:
+    def issue(
+        self, user_id: str, session_id: str, *, not_after: float | None = None
+    ) -> IssuedToken:
         """Sign a token for a session; ``not_after`` caps ``exp`` (the session's absolute expiry)."""
         signing = self.keys.signing_key
         assert signing is not None  # checked in __init__ and by every reload
@@ -79,7 +83,9 @@ class TokenIssuer:
             "jti": token_id,
         }
         headers = {"kid": signing.kid, "typ": ACCESS_TOKEN_TYPE}
-        token = jwt.encode(claims, signing.private_key, algorithm=signing.algorithm, headers=headers)  # type: ignore[arg-type]
+        token = jwt.encode(
+            claims, signing.private_key, algorithm=signing.algorithm, headers=headers
+        )  # type: ignore[arg-type]
         return IssuedToken(token, expires_at, token_id)
 
 
@@ -143,7 +149,9 @@ class TokenVerifier:
                     self._cache.move_to_end(token)
             if cached is not None:
                 if cached.expires_at + self.leeway_seconds <= time.time():
-                    raise Unauthenticated(Reason.TOKEN_EXPIRED, "access token has expired")
+                    raise Unauthenticated(
+                        Reason.TOKEN_EXPIRED, "access token has expired"
+                    )
                 return cached
         claims = self._decode(token, verify_exp=verify_exp)
         if verify_exp:
@@ -157,9 +165,13 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except (jwt.PyJWTError, ValueError, TypeError):
-            raise Unauthenticated(Reason.TOKEN_MALFORMED, "access token is not a valid JWT") from None
+            raise Unauthenticated(
+                Reason.TOKEN_MALFORMED, "access token is not a valid JWT"
+            ) from None
         if header.get("typ") != ACCESS_TOKEN_TYPE:
-            raise Unauthenticated(Reason.TOKEN_MALFORMED, f"access token type must be {ACCESS_TOKEN_TYPE}")
+            raise Unauthenticated(
+                Reason.TOKEN_MALFORMED, f"access token type must be {ACCESS_TOKEN_TYPE}"
+            )
         if header.get("alg") != self.keys.algorithm:
             raise Unauthenticated(
                 Reason.TOKEN_BAD_SIGNATURE,
@@ -167,7 +179,9 @@ class TokenVerifier:
             )
         kid = header.get("kid")
         if not isinstance(kid, str):
-            raise Unauthenticated(Reason.TOKEN_MALFORMED, "access token header has no kid")
+            raise Unauthenticated(
+                Reason.TOKEN_MALFORMED, "access token header has no kid"
+            )
         key = self._key_for(kid)
         try:
             payload: dict[str, Any] = self._decoder.decode(
@@ -177,15 +191,24 @@ class TokenVerifier:
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway_seconds,
-                options={"require": _REQUIRED_CLAIMS, "verify_exp": verify_exp, "strict_aud": True},
+                options={
+                    "require": _REQUIRED_CLAIMS,
+                    "verify_exp": verify_exp,
+                    "strict_aud": True,
+                },
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated(Reason.TOKEN_EXPIRED, "access token has expired") from None
+            raise Unauthenticated(
+                Reason.TOKEN_EXPIRED, "access token has expired"
+            ) from None
         except jwt.ImmatureSignatureError:
-            raise Unauthenticated(Reason.TOKEN_NOT_YET_VALID, "access token is not valid yet") from None
+            raise Unauthenticated(
+                Reason.TOKEN_NOT_YET_VALID, "access token is not valid yet"
+            ) from None
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
             raise Unauthenticated(
-                Reason.TOKEN_CLAIMS_INVALID, "access token was issued for another service"
+                Reason.TOKEN_CLAIMS_INVALID,
+                "access token was issued for another service",
             ) from None
         except jwt.InvalidSignatureError:
             raise Unauthenticated(
@@ -208,7 +231,9 @@ class TokenVerifier:
                     self.replace_keys(refreshed)
                     key = refreshed.verification_keys.get(kid)
         if key is None:
-            raise Unauthenticated(Reason.TOKEN_BAD_SIGNATURE, "access token was signed by an unknown key")
+            raise Unauthenticated(
+                Reason.TOKEN_BAD_SIGNATURE, "access token was signed by an unknown key"
+            )
         return key
 
 
@@ -217,8 +242,12 @@ def _claims_from(payload: dict[str, Any], kid: str) -> Claims:
     issued_at, expires_at = payload["iat"], payload["exp"]
     for value in (user_id, session_id, token_id):
         if not isinstance(value, str) or not value or len(value) > 128:
-            raise Unauthenticated(Reason.TOKEN_MALFORMED, "access token claims are missing or invalid")
+            raise Unauthenticated(
+                Reason.TOKEN_MALFORMED, "access token claims are missing or invalid"
+            )
     for number in (issued_at, expires_at):
         if isinstance(number, bool) or not isinstance(number, int):
-            raise Unauthenticated(Reason.TOKEN_MALFORMED, "access token claims are missing or invalid")
+            raise Unauthenticated(
+                Reason.TOKEN_MALFORMED, "access token claims are missing or invalid"
+            )
     return Claims(user_id, session_id, issued_at, expires_at, token_id, kid)

@@ -36,13 +36,17 @@ class Validator(Protocol):
 class AsyncValidator(Protocol):
     """What the asyncio interceptor calls."""
 
-    async def validate(self, token: str, timeout: float | None = None) -> Validation: ...
+    async def validate(
+        self, token: str, timeout: float | None = None
+    ) -> Validation: ...
 
 
 class AsyncLocalValidator:
     """Validates tokens with the auth service's keys and a direct view of its session store."""
 
-    def __init__(self, verifier: TokenVerifier, store: SessionStore, limits: SessionLimits):
+    def __init__(
+        self, verifier: TokenVerifier, store: SessionStore, limits: SessionLimits
+    ):
         self.verifier = verifier
         self.store = store
         self.limits = limits
@@ -50,8 +54,12 @@ class AsyncLocalValidator:
     async def validate(self, token: str, timeout: float | None = None) -> Validation:
         """Return the validation of ``token``; ``timeout`` is bounded by the store's own timeout."""
         claims = self.verifier.verify(token)
-        session = await self.store.validate_session(claims.user_id, claims.session_id, self.limits)
+        session = await self.store.validate_session(
+            claims.user_id, claims.session_id, self.limits
+        )
         if session is None:
             raise Unauthenticated(Reason.SESSION_ENDED, "session has ended")
-        principal = Principal(session.user_id, session.username, session.roles, session.session_id)
+        principal = Principal(
+            session.user_id, session.username, session.roles, session.session_id
+        )
         return Validation(principal, session, claims)

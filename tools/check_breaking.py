@@ -25,7 +25,9 @@ def main() -> int:
         print("no main branch to compare with; skipping buf breaking")
         return 0
     against = ".git#branch=main"
-    result = subprocess.run([*BUF, "breaking", "--against", against], cwd=ROOT, check=False)
+    result = subprocess.run(
+        [*BUF, "breaking", "--against", against], cwd=ROOT, check=False
+    )
     if result.returncode == 0:
         print("buf breaking: no breaking change against main")
     return result.returncode

@@ -32,7 +32,9 @@ def main() -> int:
             if not committed.exists() or committed.read_bytes() != fresh:
                 stale.append(str(committed.relative_to(ROOT)))
     if stale:
-        print(f"generated code is stale: {', '.join(stale)}; run `make proto` and commit")
+        print(
+            f"generated code is stale: {', '.join(stale)}; run `make proto` and commit"
+        )
         return 1
     print("generated code matches", PROTO)
     return 0

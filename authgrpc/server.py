@@ -1,0 +1,306 @@
+"""Assembling and running the auth server: store, keys, servicer, health, reflection, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authgrpc.authenticator import Authenticator
+from authgrpc.config import Settings
+from authgrpc.errors import AuthError, ConfigurationError
+from authgrpc.interceptor import AsyncAuthInterceptor
+from authgrpc.keys import (
+    KeySet,
+    SigningKey,
+    generate_private_key,
+    key_id,
+    load_signing_keys,
+)
+from authgrpc.passwords import PasswordHasher
+from authgrpc.redis_store import RedisStore
+from authgrpc.service import PUBLIC_METHODS, SERVICE_NAME, AuthServicer
+from authgrpc.store import MemoryStore, SessionStore
+from authgrpc.tokens import TokenIssuer, TokenVerifier
+from authgrpc.v1 import auth_pb2_grpc
+
+log = logging.getLogger("authgrpc.server")
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REFLECTION_SERVICES = (
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+HEALTH_CHECK_INTERVAL = 1.0
+
+
+def ephemeral_keys(algorithm: str = "EdDSA") -> KeySet:
+    """Return a key set with a fresh key that exists only in this process (dev mode)."""
+    key = generate_private_key(algorithm)
+    kid = key_id(key, algorithm)
+    signing = SigningKey(kid, algorithm, key)
+    return KeySet(algorithm, {kid: signing.verification_key}, signing)
+
+
+def open_store(settings: Settings) -> SessionStore:
+    """Return the Redis store for ``settings.redis_url``, or in dev mode without one, a MemoryStore."""
+    if settings.redis_url:
+        return RedisStore.from_url(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            timeout=settings.redis_timeout,
+        )
+    if settings.dev:
+        return MemoryStore()
+    raise ConfigurationError(
+        "no session store: pass --redis-url URL (or set AUTHGRPC_REDIS_URL), or use --dev"
+    )
+
+
+async def check_eviction_policy(store: RedisStore, *, refuse: bool) -> None:
+    """Warn, or with ``refuse`` raise, when Redis may evict keys: sessions and counters would vanish."""
+    try:
+        policy = (await store.client.config_get("maxmemory-policy")).get(
+            b"maxmemory-policy", b""
+        )
+    except Exception as error:
+        log.warning(
+            "cannot read Redis maxmemory-policy (%s); make sure it is noeviction",
+            type(error).__name__,
+        )
+        return
+    name = policy.decode() if isinstance(policy, bytes) else str(policy)
+    # Every session and counter key has a TTL, so volatile-* policies evict them as well.
+    if name and name != "noeviction":
+        message = (
+            f"Redis maxmemory-policy is {name}: under memory pressure Redis would evict sessions and "
+            "failed-login counters; set it to noeviction"
+        )
+        if refuse:
+            raise ConfigurationError(message)
+        log.warning(message)
+
+
+@dataclass
+class AuthServer:
+    """A running auth server and the parts that its tests and the CLI reach into."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    store: SessionStore
+    authenticator: Authenticator
+    health: Any
+    keys: KeySet
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _serving: bool | None = None
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    def reload_keys(self) -> bool:
+        """Reload the key set from disk; keep the old one and log why if the new one is invalid."""
+        path = self.settings.signing_key
+        if path is None:
+            return False
+        try:
+            keys = load_signing_keys(path, self.settings.algorithm)
+        except AuthError as error:
+            log.error("key reload failed, keeping the current keys: %s", error.message)
+            return False
+        if set(keys.verification_keys) == set(self.keys.verification_keys) and (
+            keys.signing_key
+            and self.keys.signing_key
+            and keys.signing_key.kid == self.keys.signing_key.kid
+        ):
+            return False
+        self.keys = keys
+        self.authenticator.issuer.keys = keys
+        self.authenticator.verifier.replace_keys(keys)
+        active = keys.signing_key.kid if keys.signing_key else "-"
+        log.info(
+            "keys reloaded: active kid=%s, verification kids=%s",
+            active,
+            ",".join(sorted(keys.verification_keys)),
+        )
+        return True
+
+    async def watch_store(self) -> None:
+        """Keep the health status in step with the store's reachability."""
+        while True:
+            try:
+                await asyncio.wait_for(
+                    self.store.ping(), self.settings.redis_timeout * 2
+                )
+                serving = True
+            except (AuthError, TimeoutError, OSError) as error:
+                if self._serving is not False:
+                    log.error(
+                        "session store unreachable, health is NOT_SERVING: %s", error
+                    )
+                serving = False
+            if serving != self._serving:
+                if serving and self._serving is False:
+                    log.info("session store reachable again, health is SERVING")
+                await self._set_health(serving)
+                self._serving = serving
+            await asyncio.sleep(HEALTH_CHECK_INTERVAL)
+
+    async def watch_keys(self) -> None:
+        """Reload keys on a timer, so that a rotation on disk needs no restart."""
+        while True:
+            await asyncio.sleep(self.settings.key_reload_interval)
+            self.reload_keys()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, finish in-flight calls within the grace period, and close the store."""
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(self.settings.grace_period if grace is None else grace)
+        await self.store.close()
+        self.authenticator.hasher.close()
+        log.info("server stopped: address=%s", self.address)
+
+
+async def start_server(
+    settings: Settings,
+    *,
+    store: SessionStore | None = None,
+    keys: KeySet | None = None,
+    hasher: PasswordHasher | None = None,
+) -> AuthServer:
+    """Build the server from ``settings``, bind it, start it, and return it."""
+    if keys is None:
+        if settings.signing_key is not None:
+            keys = load_signing_keys(settings.signing_key, settings.algorithm)
+        elif settings.dev:
+            keys = ephemeral_keys(settings.algorithm)
+        else:
+            raise ConfigurationError(
+                "no signing key: pass --signing-key PATH or use --dev"
+            )
+    store = store or open_store(settings)
+    if isinstance(store, RedisStore):
+        await check_eviction_policy(store, refuse=settings.refuse_evicting_redis)
+    issuer = TokenIssuer(
+        keys,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        lifetime_seconds=settings.access_token_ttl,
+    )
+    verifier = TokenVerifier(
+        keys,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        leeway_seconds=settings.leeway,
+    )
+    hasher = hasher or PasswordHasher(workers=settings.hash_workers)
+    authenticator = Authenticator(settings, store, issuer, verifier, hasher)
+
+    public = (
+        *PUBLIC_METHODS,
+        f"/{HEALTH_SERVICE}/*",
+        *(f"/{name}/*" for name in REFLECTION_SERVICES),
+    )
+    interceptor = AsyncAuthInterceptor(authenticator.validator, public_methods=public)
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_metadata_size", settings.max_metadata_bytes),
+            ("grpc.so_reuseport", 1),
+        ],
+    )
+    servicer = AuthServicer(authenticator, lambda: authenticator.verifier.keys)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+    )
+
+    port = _bind(server, settings)
+    await server.start()
+    running = AuthServer(
+        settings, server, port, store, authenticator, health_servicer, keys
+    )
+    await running._set_health(True)
+    running._tasks.append(asyncio.create_task(running.watch_store()))
+    if settings.signing_key is not None and settings.key_reload_interval > 0:
+        running._tasks.append(asyncio.create_task(running.watch_keys()))
+    transport = (
+        "TLS" + (" with client certificates" if settings.tls_client_ca else "")
+        if settings.tls_cert
+        else "plaintext (local use only)"
+    )
+    log.info(
+        "server started: address=%s transport=%s algorithm=%s kid=%s store=%s",
+        running.address,
+        transport,
+        keys.algorithm,
+        keys.signing_key.kid if keys.signing_key else "-",
+        type(store).__name__,
+    )
+    return running
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    if settings.tls_cert is None or settings.tls_key is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        root = (
+            Path(settings.tls_client_ca).read_bytes()
+            if settings.tls_client_ca
+            else None
+        )
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=root,
+            require_client_auth=root is not None,
+        )
+        port = server.add_secure_port(settings.listen, credentials)
+    if port == 0:
+        raise ConfigurationError(
+            f"cannot listen on {settings.listen}: the address is invalid or in use"
+        )
+    return int(port)
+
+
+async def serve(settings: Settings, *, on_started: Any = None) -> None:
+    """Run the server until SIGTERM or SIGINT, reloading keys on SIGHUP."""
+    running = await start_server(settings)
+    if on_started is not None:
+        await on_started(running)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, running.reload_keys)
+    await stop.wait()
+    log.info(
+        "shutdown requested, finishing in-flight calls for up to %.1f s",
+        settings.grace_period,
+    )
+    with contextlib.suppress(asyncio.CancelledError):
+        await running.stop()
