@@ -415,7 +415,7 @@ authgrpc dev mode: NOT FOR PRODUCTION (ephemeral signing key{", in-memory sessio
 Try it with grpcurl:
   grpcurl -plaintext {address} list
   grpcurl -plaintext -d '{login}' {address} authgrpc.v1.AuthService/Login
-  TOKEN=<accessToken from the Login response>
+  TOKEN=<access_token from the Login response>
   grpcurl -plaintext -d "{{\\"access_token\\": \\"$TOKEN\\"}}" {address} authgrpc.v1.AuthService/ValidateSession
   grpcurl -plaintext -H "authorization: Bearer $TOKEN" {address} authgrpc.v1.AuthService/Logout
 """,

@@ -24,8 +24,8 @@ class Settings:
     issuer: str = "authgrpc"
     audience: str = "authgrpc"
     access_token_ttl: int = 300
-    idle_timeout: int = 30 * 60
-    absolute_timeout: int = 12 * 60 * 60
+    idle_timeout: float = 30 * 60
+    absolute_timeout: float = 12 * 60 * 60
     touch_interval: float = 1.0
     refresh_grace: float = 10.0
     max_sessions_per_user: int = 0
