@@ -1,0 +1,160 @@
+"""The validation cache and its invalidation channel, against real redis-server processes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from authgrpc.cache import InvalidationListener, ValidationCache
+from authgrpc.store import SessionRecord, wall_clock_ms
+
+CHANNEL = "authgrpc:ended"
+
+
+def record(user_id: str = "u1", session_id: str = "s1", lifetime_ms: int = 60_000) -> SessionRecord:
+    now = wall_clock_ms()
+    return SessionRecord(session_id, user_id, "alice", (), now, now + lifetime_ms, now + lifetime_ms, now)
+
+
+def wait_until(condition: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def listener_for(port: int, cache: ValidationCache) -> InvalidationListener:
+    def factory() -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+
+    return InvalidationListener(factory, CHANNEL, cache, ping_interval=0.1, ping_timeout=0.5).start()
+
+
+def test_cache_off_until_subscribed() -> None:
+    cache = ValidationCache()
+
+    cache.store(record(), cache.epoch())
+
+    assert cache.enabled is False
+    assert cache.lookup("u1", "s1") is None
+
+
+def test_cache_hit_after_store() -> None:
+    cache = ValidationCache()
+    cache.clear(enable=True)
+
+    session = record()
+
+    cache.store(session, cache.epoch())
+
+    assert cache.lookup("u1", "s1") == session
+    assert cache.lookup("u1", "other") is None
+
+
+def test_tombstone_blocks_late_store() -> None:
+    cache = ValidationCache()
+    cache.clear(enable=True)
+    epoch = cache.epoch()
+
+    cache.invalidate("u1", "s1")
+    cache.store(record(), epoch)
+
+    assert cache.lookup("u1", "s1") is None
+
+
+def test_clear_voids_inflight_store() -> None:
+    cache = ValidationCache()
+    cache.clear(enable=True)
+    epoch = cache.epoch()
+
+    cache.clear(enable=True)
+    cache.store(record(), epoch)
+
+    assert cache.lookup("u1", "s1") is None
+
+
+def test_entry_rechecked_after_interval() -> None:
+    cache = ValidationCache(recheck_after=0.05)
+    cache.clear(enable=True)
+    cache.store(record(), cache.epoch())
+
+    time.sleep(0.08)
+
+    assert cache.lookup("u1", "s1") is None
+
+
+def test_entry_dropped_past_idle_expiry() -> None:
+    cache = ValidationCache(recheck_after=10)
+    cache.clear(enable=True)
+    cache.store(record(lifetime_ms=30), cache.epoch())
+
+    time.sleep(0.05)
+
+    assert cache.lookup("u1", "s1") is None
+
+
+def test_cache_bounded_in_entries() -> None:
+    cache = ValidationCache(max_entries=3)
+    cache.clear(enable=True)
+
+    for index in range(5):
+        cache.store(record(session_id=f"s{index}"), cache.epoch())
+
+    assert len(cache) == 3
+    assert cache.lookup("u1", "s0") is None
+    assert cache.lookup("u1", "s4") is not None
+
+
+def test_message_invalidates_entry(redis_process: Any) -> None:
+    cache = ValidationCache(recheck_after=10)
+    listener = listener_for(redis_process.port, cache)
+    try:
+        assert listener.wait_connected(5)
+        cache.store(record(), cache.epoch())
+        assert cache.lookup("u1", "s1") is not None
+
+        redis_process.client().publish(CHANNEL, "u1 s1")
+
+        assert wait_until(lambda: cache.lookup("u1", "s1") is None)
+    finally:
+        listener.stop()
+
+
+def test_channel_drop_turns_cache_off(redis_process: Any) -> None:
+    cache = ValidationCache(recheck_after=10)
+    listener = listener_for(redis_process.port, cache)
+    try:
+        assert listener.wait_connected(5)
+        cache.store(record(), cache.epoch())
+
+        redis_process.stop()
+
+        assert wait_until(lambda: not cache.enabled)
+        assert cache.lookup("u1", "s1") is None
+        redis_process.start()
+        assert wait_until(lambda: cache.enabled, timeout=10)
+        assert cache.lookup("u1", "s1") is None
+    finally:
+        listener.stop()
+
+
+def test_frozen_channel_turns_cache_off(redis_process: Any) -> None:
+    cache = ValidationCache(recheck_after=10)
+    listener = listener_for(redis_process.port, cache)
+    try:
+        assert listener.wait_connected(5)
+        cache.store(record(), cache.epoch())
+
+        redis_process.freeze()
+        turned_off = wait_until(lambda: not cache.enabled, timeout=3)
+        redis_process.thaw()
+
+        assert turned_off
+        assert wait_until(lambda: cache.enabled, timeout=10)
+    finally:
+        redis_process.thaw()
+        listener.stop()
