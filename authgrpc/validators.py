@@ -207,6 +207,10 @@ def _session_ended() -> Unauthenticated:
     return Unauthenticated(Reason.SESSION_ENDED, "session has ended")
 
 
+def _store_timed_out(timeout: float | None) -> StoreUnavailable:
+    return StoreUnavailable(f"session store check timed out after {timeout or 0:.3f} s")
+
+
 def _deadline_passed() -> StoreUnavailable:
     return StoreUnavailable("the call's deadline passed before its session was checked")
 
@@ -278,10 +282,7 @@ class LocalValidator:
                 session = future.result(timeout=timeout)
             except concurrent.futures.TimeoutError:
                 future.cancel()
-                raise StoreUnavailable(
-                    f"session store did not answer within the call's remaining "
-                    f"{timeout:.3f} s"
-                ) from None
+                raise _store_timed_out(timeout) from None
         if session is None:
             raise _session_ended()
         return session
@@ -374,9 +375,7 @@ class AsyncLocalValidator:
             async with asyncio.timeout(timeout):
                 session = await check
         except TimeoutError:
-            raise StoreUnavailable(
-                f"session store did not answer within the call's remaining {timeout} s"
-            ) from None
+            raise _store_timed_out(timeout) from None
         if session is None:
             raise _session_ended()
         return session
