@@ -25,6 +25,7 @@ from authgrpc.keys import (
     key_id,
     load_signing_keys,
 )
+from authgrpc.metrics import NullMetrics, PrometheusMetrics, count_live_sessions
 from authgrpc.passwords import PasswordHasher
 from authgrpc.redis_store import RedisStore
 from authgrpc.service import PUBLIC_METHODS, SERVICE_NAME, AuthServicer
@@ -101,6 +102,7 @@ class AuthServer:
     health: Any
     keys: KeySet
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    metrics_http: Any = None
     _serving: bool | None = None
 
     @property
@@ -177,6 +179,8 @@ class AuthServer:
         for task in self._tasks:
             task.cancel()
         await self.server.stop(self.settings.grace_period if grace is None else grace)
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
         await self.store.close()
         self.authenticator.hasher.close()
         log.info("server stopped: address=%s", self.address)
@@ -232,7 +236,8 @@ async def start_server(
             ("grpc.so_reuseport", 1),
         ],
     )
-    servicer = AuthServicer(authenticator, lambda: authenticator.verifier.keys)
+    metrics = PrometheusMetrics() if settings.metrics_listen else NullMetrics()
+    servicer = AuthServicer(authenticator, lambda: authenticator.verifier.keys, metrics)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -245,6 +250,12 @@ async def start_server(
     running = AuthServer(
         settings, server, port, store, authenticator, health_servicer, keys
     )
+    if isinstance(metrics, PrometheusMetrics) and settings.metrics_listen:
+        running.metrics_http = metrics.serve_http(settings.metrics_listen)
+        if isinstance(store, RedisStore):
+            pattern = f"{store.keys.prefix}:{{u:*}}:s:*"
+            task = asyncio.create_task(count_live_sessions(metrics, store.client, pattern))
+            running._tasks.append(task)
     await running._set_health(True)
     running._tasks.append(asyncio.create_task(running.watch_store()))
     if settings.signing_key is not None and settings.key_reload_interval > 0:

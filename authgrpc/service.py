@@ -13,6 +13,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from authgrpc.errors import (
     to_status,
 )
 from authgrpc.keys import KeySet
+from authgrpc.metrics import NullMetrics
 from authgrpc.metadata import bearer_token, client_address
 from authgrpc.principal import current_principal
 from authgrpc.store import SessionRecord
@@ -50,30 +52,42 @@ PUBLIC_METHODS = tuple(
 
 
 def _handle_errors(method: Handler[Request, Response]) -> Handler[Request, Response]:
-    """Run a servicer method under the caller's deadline and map its errors to statuses."""
+    """Run a servicer method under the caller's deadline, map its errors, and record metrics."""
+    name = method.__name__
 
     @functools.wraps(method)
-    async def wrapper(
-        self: AuthServicer, request: Request, context: grpc.aio.ServicerContext
-    ) -> Response:
+    async def wrapper(self: AuthServicer, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        started = time.perf_counter()
+        outcome, code = "ok", grpc.StatusCode.OK
         remaining = context.time_remaining()
         try:
-            async with asyncio.timeout(
-                None if remaining is None else max(remaining - 0.05, 0.01)
-            ):
+            async with asyncio.timeout(None if remaining is None else max(remaining - 0.05, 0.01)):
                 return await method(self, request, context)
         except AuthError as error:
-            await context.abort_with_status(to_status(error))
+            outcome, code = error.reason.value, error.code
+            status = to_status(error)
         except TimeoutError:
-            error = StoreUnavailable(
-                "session store did not answer within the call's deadline"
-            )
-            await context.abort_with_status(to_status(error))
+            error = StoreUnavailable("session store did not answer within the call's deadline")
+            outcome, code = error.reason.value, error.code
+            status = to_status(error)
         except (grpc.aio.AbortError, asyncio.CancelledError):
+            outcome, code = "aborted", grpc.StatusCode.CANCELLED
             raise
         except Exception:
-            log.exception("unexpected error in %s", method.__name__)
+            log.exception("unexpected error in %s", name)
+            outcome, code = "internal", grpc.StatusCode.INTERNAL
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            raise AssertionError("abort always raises") from None  # pragma: no cover
+        finally:
+            metrics = self.metrics
+            metrics.observe_call(name, code.name, time.perf_counter() - started)
+            if code == grpc.StatusCode.UNAVAILABLE:
+                metrics.observe_store_error()
+            if name == "ValidateSession":
+                metrics.observe_validation(outcome)
+            elif name == "Login":
+                metrics.observe_login(outcome)
+        await context.abort_with_status(status)
         raise AssertionError("abort_with_status always raises")  # pragma: no cover
 
     return wrapper
@@ -82,9 +96,15 @@ def _handle_errors(method: Handler[Request, Response]) -> Handler[Request, Respo
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     """Serves ``authgrpc.v1.AuthService``."""
 
-    def __init__(self, authenticator: Authenticator, keys: Callable[[], KeySet]):
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        keys: Callable[[], KeySet],
+        metrics: NullMetrics | None = None,
+    ):
         self.auth = authenticator
         self._keys = keys
+        self.metrics = metrics or NullMetrics()
         settings = authenticator.settings
         self._trusted_proxies = [
             ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies

@@ -444,3 +444,30 @@ async def test_health_and_reflection_public(harness: Harness) -> None:
     response = await health.Check(health_pb2.HealthCheckRequest(service="authgrpc.v1.AuthService"))
 
     assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_metrics_served_when_enabled(redis_url: str, prefix: str, keys: KeySet) -> None:
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    listen = f"127.0.0.1:{free_port()}"
+    store = RedisStore.from_url(redis_url, prefix=prefix)
+    running = await start(base_settings(metrics_listen=listen), store, keys)
+    try:
+        login = await running.login()
+        await running.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=login.access_token))
+        await rpc_error(running.login("alice", "wrong password"))
+
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://{listen}/metrics", timeout=5).read())
+        text = body.decode()
+
+        assert 'authgrpc_calls_total{code="OK",method="Login"} 1.0' in text
+        assert 'authgrpc_logins_total{outcome="INVALID_CREDENTIALS"} 1.0' in text
+        assert 'authgrpc_validations_total{outcome="ok"} 1.0' in text
+        assert "authgrpc_call_duration_seconds_bucket" in text
+        assert "authgrpc_live_sessions" in text
+    finally:
+        await running.channel.close()
+        await running.server.stop(0)
+        await cleanup(RedisStore.from_url(redis_url, prefix=prefix), prefix)
