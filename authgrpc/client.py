@@ -109,9 +109,11 @@ class _TokenHolder:
 class AuthMetadataPlugin(grpc.AuthMetadataPlugin):  # type: ignore[misc]
     """Adds ``authorization: Bearer <access token>`` to every call.
 
-    ``token`` returns the access token to send. When it raises, the call fails
-    with UNAVAILABLE before it is sent, because gRPC fails a call whose
-    credentials plugin reports an error.
+    ``token`` returns the access token to send. When it raises
+    NotLoggedInError the call goes out without a token, so the server rejects
+    it with UNAUTHENTICATED. When it raises anything else, the call fails with
+    UNAVAILABLE before it is sent, because gRPC fails a call whose credentials
+    plugin reports an error.
     """
 
     def __init__(self, token: Any):
@@ -124,7 +126,11 @@ class AuthMetadataPlugin(grpc.AuthMetadataPlugin):  # type: ignore[misc]
     ) -> None:
         try:
             token = self._token()
+        except NotLoggedInError:
+            callback((), None)
+            return
         except Exception as error:
+            log.warning("access token lookup failed, failing the call: %s", error)
             callback(None, error)
             return
         callback((_authorization(token),), None)

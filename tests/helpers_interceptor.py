@@ -16,15 +16,19 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import argon2
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from authgrpc.config import Settings
 from authgrpc.errors import error_info
 from authgrpc.example.v1 import greeter_pb2, greeter_pb2_grpc
 from authgrpc.keys import KeySet
+from authgrpc.passwords import PasswordHasher
 from authgrpc.principal import NoPrincipalError, current_principal
 from authgrpc.redis_store import RedisStore
+from authgrpc.server import start_server
 from authgrpc.store import NewSession, SessionLimits, SessionRecord
 from authgrpc.tokens import TokenIssuer
 
@@ -36,6 +40,8 @@ LIMITS = SessionLimits(idle_ms=60_000, absolute_ms=120_000, touch_interval_ms=10
 GREETER = "/authgrpc.example.v1.GreeterService"
 KINDS = ["unary_unary", "unary_stream", "stream_unary", "stream_stream"]
 ANONYMOUS = "<anonymous>"
+PASSWORD = "correct horse battery"
+FAST_HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 # Above the 8 KiB authorization limit, so that bearer_token() sees oversized values.
 SERVER_OPTIONS = [("grpc.max_metadata_size", 32 * 1024)]
 
@@ -441,3 +447,22 @@ class AsyncErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[
         return grpc.stream_stream_rpc_method_handler(
             guard(handler.stream_stream, True), **options
         )
+
+
+@pytest.fixture
+def auth_target(redis_url: str, prefix: str, keys: KeySet) -> Iterator[str]:
+    """The address of a real auth server on the shared Redis, with user alice."""
+    thread = AioServerThread()
+
+    async def build() -> Any:
+        store = RedisStore.from_url(redis_url, prefix=prefix)
+        hasher = PasswordHasher(FAST_HASHER)
+        settings = Settings(listen="127.0.0.1:0", dev=True, grace_period=1)
+        server = await start_server(settings, store=store, keys=keys, hasher=hasher)
+        if await store.get_user_by_name("alice") is None:
+            await store.create_user("alice", hasher.hash_sync(PASSWORD), ("reader",))
+        return server
+
+    thread.server = thread.run(build())
+    yield thread.server.address
+    thread.stop()
