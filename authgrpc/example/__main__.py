@@ -22,6 +22,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -136,6 +137,13 @@ def _local_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _redacted(url: str) -> str:
+    """Return ``url`` without its user name and password, for logs."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=host).geturl()
+
+
 def _required_roles(args: argparse.Namespace) -> dict[str, list[str]] | None:
     if not args.require_role:
         return None
@@ -147,7 +155,7 @@ def serve(args: argparse.Namespace) -> None:
     validator: LocalValidator | RemoteValidator
     if args.redis_url is not None:
         validator = LocalValidator(args.keys, **_local_options(args))
-        mode = f"local validation against {args.redis_url}"
+        mode = f"local validation against {_redacted(args.redis_url)}"
     else:
         target = args.auth_target or DEFAULT_AUTH_TARGET
         validator = RemoteValidator(
@@ -174,7 +182,7 @@ async def serve_async(args: argparse.Namespace) -> None:
     validator: AsyncLocalValidator | AsyncRemoteValidator
     if args.redis_url is not None:
         validator = AsyncLocalValidator.from_url(args.keys, **_local_options(args))
-        mode = f"local validation against {args.redis_url}"
+        mode = f"local validation against {_redacted(args.redis_url)}"
     else:
         target = args.auth_target or DEFAULT_AUTH_TARGET
         validator = AsyncRemoteValidator(
