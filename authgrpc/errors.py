@@ -117,7 +117,7 @@ class ConfigurationError(AuthError):
 
 
 def to_status(error: AuthError) -> grpc.Status:
-    """Build the gRPC status for ``error``, with ErrorInfo and, if throttled, RetryInfo."""
+    """Build the gRPC status for ``error``: ErrorInfo, and RetryInfo if throttled."""
     info = error_details_pb2.ErrorInfo(
         reason=error.reason.value, domain=ERROR_DOMAIN, metadata=error.metadata
     )
@@ -139,7 +139,7 @@ def error_info(
     call: grpc.RpcError | grpc.aio.AioRpcError,
 ) -> error_details_pb2.ErrorInfo | None:
     """Return the ErrorInfo of a failed call, or None if it carries none."""
-    status = rpc_status.from_call(call)  # type: ignore[arg-type]
+    status = rpc_status.from_call(call)
     if status is None:
         return None
     for detail in status.details:

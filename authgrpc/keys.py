@@ -65,6 +65,20 @@ class KeySet:
     signing_key: SigningKey | None = None
     loaded_at: float = field(default_factory=time.monotonic)
 
+    def __post_init__(self) -> None:
+        # A key of another type than the algorithm's would let a verifier read
+        # a public key as an HMAC secret or the reverse (algorithm confusion).
+        for kid, key in self.verification_keys.items():
+            _check_key(kid, key, self.algorithm)
+        if (
+            self.signing_key is not None
+            and self.signing_key.algorithm != self.algorithm
+        ):
+            raise ConfigurationError(
+                f"signing key {self.signing_key.kid!r} is for "
+                f"{self.signing_key.algorithm}, but the key set is for {self.algorithm}"
+            )
+
     def jwks(self) -> dict[str, Any]:
         """Return the public keys as a JWKS document; empty for HMAC keys."""
         keys = []
@@ -77,8 +91,35 @@ class KeySet:
         return {"keys": keys}
 
 
+def is_valid_kid(kid: object) -> bool:
+    """Return whether ``kid`` is a string of 1 to 64 base64url characters."""
+    return isinstance(kid, str) and _KID_PATTERN.fullmatch(kid) is not None
+
+
+def _check_key(kid: str, key: object, algorithm: str) -> None:
+    expected: dict[str, type] = {
+        "EdDSA": ed25519.Ed25519PublicKey,
+        "ES256": ec.EllipticCurvePublicKey,
+        "RS256": rsa.RSAPublicKey,
+        "HS256": bytes,
+    }
+    if algorithm not in expected:
+        raise ConfigurationError(
+            f"unsupported algorithm {algorithm!r}; use one of {ALGORITHMS}"
+        )
+    if not isinstance(key, expected[algorithm]):
+        raise ConfigurationError(
+            f"key {kid!r} is a {type(key).__name__}, which cannot verify {algorithm}"
+        )
+    if isinstance(key, bytes) and len(key) < MIN_HMAC_SECRET_BYTES:
+        raise ConfigurationError(
+            f"HS256 secret {kid!r} is {len(key)} bytes; "
+            f"at least {MIN_HMAC_SECRET_BYTES} are required"
+        )
+
+
 def generate_private_key(algorithm: str) -> PrivateKey | bytes:
-    """Return a new key for ``algorithm``: Ed25519, P-256, RSA-3072 or a 256-bit secret."""
+    """Return a new Ed25519, P-256, RSA-3072 or 256-bit HMAC key for ``algorithm``."""
     if algorithm == "EdDSA":
         return ed25519.Ed25519PrivateKey.generate()
     if algorithm == "ES256":
@@ -93,7 +134,7 @@ def generate_private_key(algorithm: str) -> PrivateKey | bytes:
 
 
 def key_file_bytes(key: PrivateKey | bytes) -> bytes:
-    """Serialize a private key as unencrypted PKCS#8 PEM, or a secret as base64url text."""
+    """Serialize a private key as unencrypted PKCS#8 PEM, or a secret as base64url."""
     if isinstance(key, bytes):
         return base64.urlsafe_b64encode(key).rstrip(b"=") + b"\n"
     return key.private_bytes(
@@ -104,7 +145,7 @@ def key_file_bytes(key: PrivateKey | bytes) -> bytes:
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by its owner only, replacing it atomically."""
+    """Write ``data`` to ``path`` for its owner only, replacing the file atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -170,7 +211,8 @@ def load_signing_keys(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> KeySet:
         active = _read_active(path)
         if active not in files:
             raise ConfigurationError(
-                f"{path / ACTIVE_FILE} names kid {active!r}, but {path} has no such key file"
+                f"{path / ACTIVE_FILE} names kid {active!r}, "
+                f"but {path} has no such key file"
             )
         loaded = {kid: _load_private(file, algorithm) for kid, file in files.items()}
         signing = SigningKey(active, algorithm, loaded[active])
@@ -261,7 +303,8 @@ def _read_active(directory: Path) -> str:
         return (directory / ACTIVE_FILE).read_text().strip()
     except FileNotFoundError:
         raise ConfigurationError(
-            f"key directory {directory} has no {ACTIVE_FILE!r} file naming the signing kid; "
+            f"key directory {directory} has no {ACTIVE_FILE!r} file "
+            "naming the signing kid; "
             f"create one with `authgrpc keys rotate --dir {directory}`"
         ) from None
 
@@ -279,7 +322,8 @@ def _load_private(path: Path, algorithm: str) -> PrivateKey | bytes:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         raise ConfigurationError(
-            f"{path} is not an unencrypted PEM private key; for {algorithm} create one with "
+            f"{path} is not an unencrypted PEM private key; "
+            f"for {algorithm} create one with "
             f"`authgrpc keys generate --algorithm {algorithm} --out {path}`"
         ) from None
     expected: dict[str, type] = {

@@ -50,7 +50,7 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 
 
 def peer_address(peer: str) -> str:
-    """Return the IP address (or unix socket path) from a gRPC peer string like ``ipv4:1.2.3.4:5``."""
+    """Return the IP address or socket path of a gRPC peer, e.g. ``ipv4:1.2.3.4:5``."""
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         return rest.rpartition(":")[0]
@@ -64,7 +64,7 @@ def client_address(
     metadata: Iterable[tuple[str, str | bytes]] | None,
     trusted_proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
 ) -> str:
-    """Return the caller's address, following ``x-forwarded-for`` only through trusted proxies.
+    """Return the caller's address, following ``x-forwarded-for`` via trusted proxies.
 
     The right-most address in the header that is not a trusted proxy is the
     client; the header is ignored unless the direct peer is trusted.

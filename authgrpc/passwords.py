@@ -32,13 +32,16 @@ def normalize_username(raw: str, field: str = "username") -> str:
         raise InvalidArgument(
             field, f"{field} is longer than {MAX_USERNAME_BYTES} bytes"
         )
-    username = unicodedata.normalize("NFKC", raw).casefold().strip()
-    if not username:
-        raise InvalidArgument(field, f"{field} is empty")
-    if any(unicodedata.category(char).startswith("C") for char in username):
+    folded = unicodedata.normalize("NFKC", raw).casefold()
+    # Checked before trimming, because str.strip() also removes control
+    # characters such as "\n" and "\x1f", which must be rejected.
+    if any(unicodedata.category(char).startswith("C") for char in folded):
         raise InvalidArgument(
             field, f"{field} contains control or unassigned characters"
         )
+    username = folded.strip()
+    if not username:
+        raise InvalidArgument(field, f"{field} is empty")
     return username
 
 
@@ -88,7 +91,11 @@ class PasswordHasher:
         )
 
     async def verify(self, password_hash: str | None, password: str) -> bool:
-        """Return whether ``password`` matches; with no hash, spend the same time and return False."""
+        """Return whether ``password`` matches.
+
+        With no hash, verify against a dummy hash, so that the call takes the
+        same time, and return False.
+        """
         target = password_hash or self._dummy_hash
         matched = await asyncio.get_running_loop().run_in_executor(
             self._pool, self._verify, target, password
@@ -96,7 +103,7 @@ class PasswordHasher:
         return matched and password_hash is not None
 
     def needs_rehash(self, password_hash: str) -> bool:
-        """Return whether a hash was made with other parameters than the current ones."""
+        """Return whether a hash was made with parameters other than the current."""
         try:
             return self._hasher.check_needs_rehash(password_hash)
         except InvalidHashError:

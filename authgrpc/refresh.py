@@ -23,7 +23,7 @@ from authgrpc.errors import Reason, Unauthenticated
 
 _PREFIX = "rt1"
 _ID = r"[A-Za-z0-9_-]{1,64}"
-_PATTERN = re.compile(rf"^{_PREFIX}\.({_ID})\.({_ID})\.([A-Za-z0-9_-]{{43}})$")
+_PATTERN = re.compile(rf"{_PREFIX}\.({_ID})\.({_ID})\.([A-Za-z0-9_-]{{43}})")
 MAX_REFRESH_TOKEN_BYTES = 256
 
 
@@ -67,11 +67,18 @@ def parse(token: str) -> RefreshToken:
         raise Unauthenticated(Reason.REFRESH_TOKEN_INVALID, "refresh token is missing")
     if len(token) > MAX_REFRESH_TOKEN_BYTES:
         raise Unauthenticated(Reason.REFRESH_TOKEN_INVALID, "refresh token is too long")
-    match = _PATTERN.match(token)
+    match = _PATTERN.fullmatch(token)
     if match is None:
         raise Unauthenticated(
             Reason.REFRESH_TOKEN_INVALID, "refresh token is malformed"
         )
     user_id, session_id, text = match.groups()
     secret = base64.urlsafe_b64decode(text + "=")
-    return RefreshToken(user_id, session_id, secret)
+    parsed = RefreshToken(user_id, session_id, secret)
+    # The last of 43 characters carries two unused bits. Requiring them to be
+    # zero keeps one string per secret, as encode() writes it.
+    if parsed.encode() != token:
+        raise Unauthenticated(
+            Reason.REFRESH_TOKEN_INVALID, "refresh token is malformed"
+        )
+    return parsed

@@ -2,14 +2,28 @@
 
 An access token's header is ``{"alg": <configured>, "typ": "at+jwt", "kid":
 <signing key>}`` and its claims are ``iss``, ``aud``, ``sub`` (user id),
-``sid`` (session id), ``iat``, ``exp`` and ``jti``. Verification accepts only
-the configured algorithm, looks the key up by ``kid`` and never falls back to
-another key, requires every claim above, compares ``iss`` and ``aud``
-exactly, and rejects a token over the size limit before decoding it.
+``sid`` (session id), ``iat``, ``exp`` and ``jti``. Verification rejects a
+token over the size limit or outside the compact JWS alphabet before decoding
+it, accepts only the configured algorithm, looks the key up by ``kid`` and
+never falls back to another key, and ignores ``jku``, ``x5u``, ``jwk`` and
+``x5c``. pyjwt checks the signature. The claims are then checked here rather
+than by pyjwt, because pyjwt accepts booleans and floats as times:
+
+- every claim above must be present, ``sub``, ``sid`` and ``jti`` as strings
+  of 1 to 128 characters, ``iss`` as a string, and ``iat``, ``exp`` and (if
+  present) ``nbf`` as integers, else TOKEN_MALFORMED;
+- ``exp`` more than the leeway in the past gives TOKEN_EXPIRED, and ``iat`` or
+  ``nbf`` more than the leeway in the future gives TOKEN_NOT_YET_VALID;
+- ``iss`` and ``aud`` must equal the configured strings, else
+  TOKEN_CLAIMS_INVALID. RFC 7519 lets ``aud`` be an array, and an array of
+  strings is well-formed, but it is rejected even when it contains our
+  audience, because this issuer never writes one.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 import threading
 import time
@@ -21,11 +35,17 @@ from typing import Any
 import jwt
 
 from authgrpc.errors import ConfigurationError, Reason, Unauthenticated
-from authgrpc.keys import KeySet
+from authgrpc.keys import KeySet, is_valid_kid
 
 ACCESS_TOKEN_TYPE = "at+jwt"
 DEFAULT_MAX_TOKEN_BYTES = 4096
-_REQUIRED_CLAIMS = ["iss", "aud", "sub", "sid", "iat", "exp", "jti"]
+# The largest integer that every JSON parser reads exactly (RFC 7493, section 2.2).
+MAX_NUMERIC_DATE = 2**53 - 1
+_REQUIRED_CLAIMS = ("iss", "aud", "sub", "sid", "iat", "exp", "jti")
+# Compact JWS: three base64url segments without padding (RFC 7515, section 2).
+# The signature segment may be empty, so that an unsecured token reaches the
+# alg check and is rejected as TOKEN_BAD_SIGNATURE.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +85,11 @@ class TokenIssuer:
     def issue(
         self, user_id: str, session_id: str, *, not_after: float | None = None
     ) -> IssuedToken:
-        """Sign a token for a session; ``not_after`` caps ``exp`` (the session's absolute expiry)."""
+        """Sign a token for a session.
+
+        ``not_after`` caps ``exp``, so that a token cannot outlive its
+        session's absolute expiry.
+        """
         signing = self.keys.signing_key
         assert signing is not None  # checked in __init__ and by every reload
         now = int(time.time())
@@ -85,7 +109,7 @@ class TokenIssuer:
         headers = {"kid": signing.kid, "typ": ACCESS_TOKEN_TYPE}
         token = jwt.encode(
             claims, signing.private_key, algorithm=signing.algorithm, headers=headers
-        )  # type: ignore[arg-type]
+        )
         return IssuedToken(token, expires_at, token_id)
 
 
@@ -119,7 +143,7 @@ class TokenVerifier:
         self.audience = audience
         self.leeway_seconds = leeway_seconds
         self.max_token_bytes = max_token_bytes
-        self._decoder = jwt.PyJWT()
+        self._jws = jwt.PyJWS()
         self._cache: OrderedDict[str, Claims] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -134,13 +158,18 @@ class TokenVerifier:
             self._cache.clear()
 
     def verify(self, token: str, *, verify_exp: bool = True) -> Claims:
-        """Return the claims of a valid token, or raise Unauthenticated with the reason."""
+        """Return the claims of a valid token, or raise Unauthenticated with why."""
         if not token:
             raise Unauthenticated(Reason.TOKEN_MISSING, "access token is missing")
         if len(token) > self.max_token_bytes:
             raise Unauthenticated(
                 Reason.TOKEN_MALFORMED,
                 f"access token is longer than {self.max_token_bytes} bytes",
+            )
+        if not _COMPACT_JWS.fullmatch(token):
+            raise Unauthenticated(
+                Reason.TOKEN_MALFORMED,
+                "access token must be three base64url segments without padding",
             )
         if verify_exp:
             with self._lock:
@@ -165,60 +194,53 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except (jwt.PyJWTError, ValueError, TypeError):
-            raise Unauthenticated(
-                Reason.TOKEN_MALFORMED, "access token is not a valid JWT"
-            ) from None
+            raise _malformed("access token is not a valid JWT") from None
         if header.get("typ") != ACCESS_TOKEN_TYPE:
-            raise Unauthenticated(
-                Reason.TOKEN_MALFORMED, f"access token type must be {ACCESS_TOKEN_TYPE}"
-            )
+            raise _malformed(f"access token type must be {ACCESS_TOKEN_TYPE}")
         if header.get("alg") != self.keys.algorithm:
             raise Unauthenticated(
                 Reason.TOKEN_BAD_SIGNATURE,
                 f"access token algorithm is not the configured {self.keys.algorithm}",
             )
         kid = header.get("kid")
-        if not isinstance(kid, str):
-            raise Unauthenticated(
-                Reason.TOKEN_MALFORMED, "access token header has no kid"
-            )
+        if kid is None:
+            raise _malformed("access token header has no kid")
+        if not is_valid_kid(kid):
+            raise _malformed("access token kid must be 1 to 64 base64url characters")
         key = self._key_for(kid)
         try:
-            payload: dict[str, Any] = self._decoder.decode(
+            signed = self._jws.decode_complete(
                 token,
-                key,  # type: ignore[arg-type]
+                key,
                 algorithms=[self.keys.algorithm],
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway=self.leeway_seconds,
-                options={
-                    "require": _REQUIRED_CLAIMS,
-                    "verify_exp": verify_exp,
-                    "strict_aud": True,
-                },
             )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated(
-                Reason.TOKEN_EXPIRED, "access token has expired"
-            ) from None
-        except jwt.ImmatureSignatureError:
-            raise Unauthenticated(
-                Reason.TOKEN_NOT_YET_VALID, "access token is not valid yet"
-            ) from None
-        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
-            raise Unauthenticated(
-                Reason.TOKEN_CLAIMS_INVALID,
-                "access token was issued for another service",
-            ) from None
         except jwt.InvalidSignatureError:
             raise Unauthenticated(
                 Reason.TOKEN_BAD_SIGNATURE, "access token signature is invalid"
             ) from None
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise _malformed("access token is not a valid JWT") from None
+        payload = _parse_payload(signed["payload"])
+        claims = _claims_from(payload, kid)
+        self._check_times(payload, claims, verify_exp=verify_exp)
+        if payload["iss"] != self.issuer or payload["aud"] != self.audience:
             raise Unauthenticated(
-                Reason.TOKEN_MALFORMED, "access token claims are missing or invalid"
-            ) from None
-        return _claims_from(payload, kid)
+                Reason.TOKEN_CLAIMS_INVALID,
+                "access token was issued for another service",
+            )
+        return claims
+
+    def _check_times(
+        self, payload: dict[str, Any], claims: Claims, *, verify_exp: bool
+    ) -> None:
+        now = time.time()
+        if verify_exp and claims.expires_at + self.leeway_seconds <= now:
+            raise Unauthenticated(Reason.TOKEN_EXPIRED, "access token has expired")
+        not_before = payload.get("nbf", claims.issued_at)
+        if max(claims.issued_at, not_before) > now + self.leeway_seconds:
+            raise Unauthenticated(
+                Reason.TOKEN_NOT_YET_VALID, "access token is not valid yet"
+            )
 
     def _key_for(self, kid: str) -> Any:
         key = self.keys.verification_keys.get(kid)
@@ -237,17 +259,74 @@ class TokenVerifier:
         return key
 
 
+def _malformed(message: str) -> Unauthenticated:
+    return Unauthenticated(Reason.TOKEN_MALFORMED, message)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise ValueError("duplicate member name")
+    return members
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_payload(data: bytes) -> dict[str, Any]:
+    """Parse the claims: a UTF-8 JSON object with no repeated names (RFC 7519, 7.2)."""
+    try:
+        payload = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except (ValueError, RecursionError):
+        raise _malformed("access token claims are not a JSON object") from None
+    if not isinstance(payload, dict):
+        raise _malformed("access token claims are not a JSON object")
+    return payload
+
+
 def _claims_from(payload: dict[str, Any], kid: str) -> Claims:
-    user_id, session_id, token_id = payload["sub"], payload["sid"], payload["jti"]
-    issued_at, expires_at = payload["iat"], payload["exp"]
-    for value in (user_id, session_id, token_id):
+    """Check that every claim is present and of the type this issuer writes."""
+    for name in _REQUIRED_CLAIMS:
+        if name not in payload:
+            raise _malformed(f"access token has no {name} claim")
+    for name in ("sub", "sid", "jti"):
+        value = payload[name]
         if not isinstance(value, str) or not value or len(value) > 128:
-            raise Unauthenticated(
-                Reason.TOKEN_MALFORMED, "access token claims are missing or invalid"
+            raise _malformed(
+                f"access token claim {name} must be a string of 1 to 128 characters"
             )
-    for number in (issued_at, expires_at):
-        if isinstance(number, bool) or not isinstance(number, int):
-            raise Unauthenticated(
-                Reason.TOKEN_MALFORMED, "access token claims are missing or invalid"
+    if not isinstance(payload["iss"], str):
+        raise _malformed("access token claim iss must be a string")
+    audience = payload["aud"]
+    # RFC 7519 allows aud to be an array of strings. This issuer writes one
+    # string, so an array is well-formed but never matches (TOKEN_CLAIMS_INVALID).
+    if not isinstance(audience, str) and not (
+        isinstance(audience, list) and all(isinstance(a, str) for a in audience)
+    ):
+        raise _malformed("access token claim aud must be a string")
+    for name in ("iat", "exp", "nbf"):
+        if name in payload and not _is_numeric_date(payload[name]):
+            raise _malformed(
+                f"access token claim {name} must be an integer number of seconds "
+                f"from 0 to {MAX_NUMERIC_DATE}"
             )
-    return Claims(user_id, session_id, issued_at, expires_at, token_id, kid)
+    return Claims(
+        payload["sub"],
+        payload["sid"],
+        payload["iat"],
+        payload["exp"],
+        payload["jti"],
+        kid,
+    )
+
+
+def _is_numeric_date(value: Any) -> bool:
+    # bool is a subclass of int, and floats are never written by this issuer.
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False
+    return 0 <= value <= MAX_NUMERIC_DATE
