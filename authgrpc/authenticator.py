@@ -93,7 +93,7 @@ class Authenticator:
         return result
 
     async def validate(self, token: str) -> Validation:
-        """Return the principal and session of a valid access token with a live session."""
+        """Return the principal and session of a valid token whose session is live."""
         return await self.validator.validate(token)
 
     async def logout(self, token: str) -> bool:
@@ -137,7 +137,8 @@ class Authenticator:
             )
             raise Unauthenticated(
                 Reason.REFRESH_TOKEN_REUSED,
-                "refresh token was already used, so the session has been ended; log in again",
+                "refresh token was already used, so the session has been ended; "
+                "log in again",
             )
         if outcome is RefreshOutcome.INVALID:
             raise Unauthenticated(
@@ -171,7 +172,7 @@ class Authenticator:
         return ended
 
     async def logout_all(self, user_id: str, keep_session_id: str | None) -> int:
-        """End every session of a user except ``keep_session_id``; return how many ended."""
+        """End every session of a user but ``keep_session_id``; return the count."""
         ended = await self.store.end_all_sessions(user_id, keep_session_id)
         log.info(
             "logout all: user_id=%s ended=%d kept=%s",

@@ -49,7 +49,13 @@ class ValidationCache:
     and the session's idle and absolute expiry have not passed.
     """
 
-    def __init__(self, *, max_entries: int = 100_000, recheck_after: float = 1.0, tombstone_seconds: float = 60.0):
+    def __init__(
+        self,
+        *,
+        max_entries: int = 100_000,
+        recheck_after: float = 1.0,
+        tombstone_seconds: float = 60.0,
+    ):
         self.max_entries = max_entries
         self.recheck_after = recheck_after
         self.tombstone_seconds = tombstone_seconds
@@ -66,7 +72,7 @@ class ValidationCache:
         return self._enabled
 
     def epoch(self) -> int:
-        """Return a value to pass to ``store`` so that a clear in between voids the store."""
+        """Return the token to pass to ``store``; a clear in between voids it."""
         return self._epoch
 
     def lookup(self, user_id: str, session_id: str) -> SessionRecord | None:
@@ -81,7 +87,10 @@ class ValidationCache:
                 self.misses += 1
                 return None
             wall = wall_clock_ms()
-            expired = wall >= entry.session.idle_expiry_ms or wall >= entry.session.absolute_expiry_ms
+            expired = (
+                wall >= entry.session.idle_expiry_ms
+                or wall >= entry.session.absolute_expiry_ms
+            )
             if expired or now - entry.checked_at >= self.recheck_after:
                 del self._entries[key]
                 self.misses += 1
@@ -91,7 +100,7 @@ class ValidationCache:
             return entry.session
 
     def store(self, session: SessionRecord, epoch: int) -> None:
-        """Cache a session that the store just reported live, unless it ended meanwhile."""
+        """Cache a session the store just reported live, unless it ended since."""
         key = (session.user_id, session.session_id)
         with self._lock:
             if not self._enabled or epoch != self._epoch or key in self._tombstones:
@@ -102,7 +111,7 @@ class ValidationCache:
                 self._entries.popitem(last=False)
 
     def invalidate(self, user_id: str, session_id: str) -> None:
-        """Forget a session that has ended, and keep it out for ``tombstone_seconds``."""
+        """Forget an ended session and keep it out for ``tombstone_seconds``."""
         key = (user_id, session_id)
         now = time.monotonic()
         with self._lock:
@@ -111,7 +120,10 @@ class ValidationCache:
             self._tombstones.move_to_end(key)
             while self._tombstones:
                 oldest_key, ended_at = next(iter(self._tombstones.items()))
-                if now - ended_at < self.tombstone_seconds and len(self._tombstones) <= self.max_entries:
+                if (
+                    now - ended_at < self.tombstone_seconds
+                    and len(self._tombstones) <= self.max_entries
+                ):
                     break
                 del self._tombstones[oldest_key]
 
@@ -127,7 +139,7 @@ class ValidationCache:
 
 
 class InvalidationListener:
-    """Subscribes to the session-end channel on a daemon thread and feeds a ValidationCache.
+    """Feeds a ValidationCache from the session-end channel, on a daemon thread.
 
     The cache is enabled only while the subscription is confirmed and pings
     are answered within ``ping_timeout`` seconds; on any failure it is
@@ -150,14 +162,16 @@ class InvalidationListener:
         self.ping_timeout = ping_timeout
         self._stop = threading.Event()
         self._connected = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="authgrpc-invalidation", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="authgrpc-invalidation", daemon=True
+        )
 
     def start(self) -> InvalidationListener:
         self._thread.start()
         return self
 
     def wait_connected(self, timeout: float) -> bool:
-        """Block until the subscription is confirmed; return whether it was within ``timeout``."""
+        """Wait up to ``timeout`` seconds for the subscription; return if it came."""
         return self._connected.wait(timeout)
 
     def stop(self) -> None:
@@ -172,7 +186,10 @@ class InvalidationListener:
                 backoff = 0.05
             except (redis.exceptions.RedisError, OSError, ValueError) as error:
                 if self.cache.enabled:
-                    log.warning("invalidation channel lost, validation cache off: %s", type(error).__name__)
+                    log.warning(
+                        "invalidation channel lost, validation cache off: %s",
+                        type(error).__name__,
+                    )
             self._connected.clear()
             self.cache.clear(enable=False)
             self._stop.wait(backoff)
@@ -180,7 +197,7 @@ class InvalidationListener:
 
     def _listen(self) -> None:
         client = self._client_factory()
-        pubsub = client.pubsub()
+        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
             pubsub.subscribe(self.channel)
             last_pong = time.monotonic()
@@ -191,7 +208,9 @@ class InvalidationListener:
                     pubsub.ping()
                     last_ping = now
                 if now - last_pong > self.ping_timeout:
-                    raise redis.exceptions.TimeoutError("invalidation channel did not answer a ping")
+                    raise redis.exceptions.TimeoutError(
+                        "invalidation channel did not answer a ping"
+                    )
                 message = pubsub.get_message(timeout=min(self.ping_interval, 0.2))
                 if message is None:
                     continue
@@ -200,8 +219,13 @@ class InvalidationListener:
                     self.cache.clear(enable=True)
                     self._connected.set()
                     last_pong = time.monotonic()
-                    log.info("invalidation channel subscribed, validation cache on: channel=%s", self.channel)
-                elif kind == "pong" or (kind == "message" and message["data"] in (b"PONG", "PONG")):
+                    log.info(
+                        "invalidation channel subscribed, cache on: channel=%s",
+                        self.channel,
+                    )
+                elif kind == "pong" or (
+                    kind == "message" and message["data"] in (b"PONG", "PONG")
+                ):
                     last_pong = time.monotonic()
                 elif kind == "message":
                     self._apply(message["data"])

@@ -38,7 +38,7 @@ DEV_USERNAME = "demo"
 
 
 class CommandError(Exception):
-    """A command failed for a reason the user can act on; printed without a traceback."""
+    """A command failed for a reason the user can fix; printed without a traceback."""
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--refuse-evicting-redis",
         action="store_true",
         default=_env("refuse-evicting-redis", "") in ("1", "true", "yes"),
-        help="refuse to start when Redis may evict keys (env AUTHGRPC_REFUSE_EVICTING_REDIS)",
+        help="refuse to start when Redis may evict keys "
+        "(env AUTHGRPC_REFUSE_EVICTING_REDIS)",
     )
 
     user = commands.add_parser("user", help="manage users").add_subparsers(
@@ -318,7 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 1 failed, 2 bad usage or configuration)."""
+    """Run the command line and return its exit status.
+
+    The status is 0 on success, 1 when the command failed, and 2 for bad
+    usage or configuration.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -406,21 +411,27 @@ async def _create_dev_user(running: Any) -> None:
         await store.set_password_hash(existing.user_id, password_hash)
     address = running.address
     login = json.dumps({"username": DEV_USERNAME, "password": password})
-    print(
-        f"""
-authgrpc dev mode: NOT FOR PRODUCTION (ephemeral signing key{", in-memory sessions" if not running.settings.redis_url else ""})
-  user:     {DEV_USERNAME}
-  password: {password}
-
-Try it with grpcurl:
-  grpcurl -plaintext {address} list
-  grpcurl -plaintext -d '{login}' {address} authgrpc.v1.AuthService/Login
-  TOKEN=<access_token from the Login response>
-  grpcurl -plaintext -d "{{\\"access_token\\": \\"$TOKEN\\"}}" {address} authgrpc.v1.AuthService/ValidateSession
-  grpcurl -plaintext -H "authorization: Bearer $TOKEN" {address} authgrpc.v1.AuthService/Logout
-""",
-        flush=True,
-    )
+    store_kind = "Redis" if running.settings.redis_url else "in-memory"
+    service = "authgrpc.v1.AuthService"
+    validate_body = '{\\"access_token\\": \\"$TOKEN\\"}'
+    lines = [
+        "",
+        "authgrpc dev mode, NOT FOR PRODUCTION:",
+        f"  ephemeral signing key, {store_kind} sessions",
+        f"  user:     {DEV_USERNAME}",
+        f"  password: {password}",
+        "",
+        "Try it with grpcurl:",
+        f"  grpcurl -plaintext {address} list",
+        f"  grpcurl -plaintext -d '{login}' {address} {service}/Login",
+        "  TOKEN=<access_token from the Login response>",
+        f'  grpcurl -plaintext -d "{validate_body}" {address} '
+        f"{service}/ValidateSession",
+        '  grpcurl -plaintext -H "authorization: Bearer $TOKEN" '
+        f"{address} {service}/Logout",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -430,7 +441,8 @@ def _keys(args: argparse.Namespace) -> int:
     elif args.action == "rotate":
         kid = rotate_key_directory(args.dir, args.algorithm)
         print(
-            f"added {args.algorithm} key {kid} to {args.dir}; it signs new tokens from now on"
+            f"added {args.algorithm} key {kid} to {args.dir}; "
+            "it signs new tokens from now on"
         )
     elif args.action == "retire":
         path = retire_key(args.dir, args.kid)
@@ -453,7 +465,8 @@ async def _with_store(
 
     if not args.redis_url:
         raise ConfigurationError(
-            "pass --redis-url URL (or set AUTHGRPC_REDIS_URL) to reach the session store"
+            "pass --redis-url URL (or set AUTHGRPC_REDIS_URL) "
+            "to reach the session store"
         )
     store = RedisStore.from_url(
         args.redis_url, prefix=args.redis_prefix, timeout=args.redis_timeout
@@ -505,7 +518,8 @@ async def _user(args: argparse.Namespace, store: SessionStore) -> int:
                 user = await store.create_user(name, password_hash, tuple(args.role))
             except UsernameTaken:
                 raise CommandError(
-                    f"user {name!r} already exists; use `authgrpc user passwd` to change the password"
+                    f"user {name!r} already exists; "
+                    "use `authgrpc user passwd` to change the password"
                 ) from None
             print(f"created user {user.username} ({user.user_id})")
         elif args.action == "passwd":
@@ -525,9 +539,8 @@ async def _user(args: argparse.Namespace, store: SessionStore) -> int:
         elif args.action == "roles":
             user = await _find_user(store, args.name)
             await store.set_roles(user.user_id, tuple(args.roles))
-            print(
-                f"set the roles of {user.username} to {', '.join(args.roles) or '(none)'}"
-            )
+            roles = ", ".join(args.roles) or "(none)"
+            print(f"set the roles of {user.username} to {roles}")
         else:
             for user in await store.list_users():
                 state = "disabled" if user.disabled else "active"
@@ -543,10 +556,14 @@ async def _session(args: argparse.Namespace, store: SessionStore) -> int:
     user = await _find_user(store, args.name)
     if args.action == "list":
         for record in await store.list_sessions(user.user_id):
-            print(
-                f"{record.session_id}\tcreated {_iso(record.created_ms)}\tlast seen {_iso(record.last_seen_ms)}"
-                f"\tpeer {record.peer or '-'}\tagent {record.user_agent or '-'}"
-            )
+            columns = [
+                record.session_id,
+                f"created {_iso(record.created_ms)}",
+                f"last seen {_iso(record.last_seen_ms)}",
+                f"peer {record.peer or '-'}",
+                f"agent {record.user_agent or '-'}",
+            ]
+            print("\t".join(columns))
     elif args.all:
         ended = await store.end_all_sessions(user.user_id)
         print(f"ended {ended} session(s) of {user.username}")

@@ -61,7 +61,8 @@ class Settings:
         """Raise ConfigurationError naming the first invalid setting."""
         if self.algorithm not in ALGORITHMS:
             raise ConfigurationError(
-                f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {self.algorithm!r}"
+                f"--algorithm must be one of {', '.join(ALGORITHMS)}, "
+                f"not {self.algorithm!r}"
             )
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit():
@@ -104,10 +105,12 @@ class Settings:
         if not self.dev:
             if self.signing_key is None:
                 raise ConfigurationError(
-                    "no signing key: pass --signing-key PATH (or set AUTHGRPC_SIGNING_KEY); "
+                    "no signing key: pass --signing-key PATH "
+                    "(or set AUTHGRPC_SIGNING_KEY); "
                     "create one with `authgrpc keys generate --out PATH`, or use --dev"
                 )
             if self.redis_url is None:
                 raise ConfigurationError(
-                    "no session store: pass --redis-url URL (or set AUTHGRPC_REDIS_URL), or use --dev"
+                    "no session store: pass --redis-url URL "
+                    "(or set AUTHGRPC_REDIS_URL), or use --dev"
                 )

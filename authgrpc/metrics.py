@@ -1,4 +1,4 @@
-"""Prometheus metrics for the auth server, served over HTTP on a separate port when enabled.
+"""Prometheus metrics for the auth server, served over HTTP on a port of their own.
 
 Without ``--metrics-listen`` the server uses :class:`NullMetrics`, whose
 methods do nothing, and prometheus-client need not be installed.
@@ -42,17 +42,36 @@ class PrometheusMetrics(NullMetrics):
 
         self.registry = CollectorRegistry()
         self.calls = Counter(
-            "authgrpc_calls", "Calls handled, by method and status code.", ["method", "code"], registry=self.registry
+            "authgrpc_calls",
+            "Calls handled, by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
         )
         self.latency = Histogram(
             "authgrpc_call_duration_seconds",
             "Time to handle a call, by method.",
             ["method"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            buckets=(
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+            ),
             registry=self.registry,
         )
         self.logins = Counter(
-            "authgrpc_logins", "Login attempts, by outcome.", ["outcome"], registry=self.registry
+            "authgrpc_logins",
+            "Login attempts, by outcome.",
+            ["outcome"],
+            registry=self.registry,
         )
         self.validations = Counter(
             "authgrpc_validations",
@@ -61,11 +80,14 @@ class PrometheusMetrics(NullMetrics):
             registry=self.registry,
         )
         self.store_errors = Counter(
-            "authgrpc_store_errors", "Calls that failed because the session store was unavailable.",
+            "authgrpc_store_errors",
+            "Calls that failed because the session store was unavailable.",
             registry=self.registry,
         )
         self.live_sessions = Gauge(
-            "authgrpc_live_sessions", "Session keys in the store at the last count.", registry=self.registry
+            "authgrpc_live_sessions",
+            "Session keys in the store at the last count.",
+            registry=self.registry,
         )
 
     def observe_call(self, method: str, code: str, seconds: float) -> None:
@@ -89,7 +111,9 @@ class PrometheusMetrics(NullMetrics):
         from prometheus_client import start_http_server
 
         host, _, port = listen.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        server, _thread = start_http_server(
+            int(port), addr=host.strip("[]"), registry=self.registry
+        )
         log.info("metrics served: address=%s path=/metrics", listen)
         return server
 
@@ -102,6 +126,6 @@ async def count_live_sessions(metrics: NullMetrics, client: Any, pattern: str) -
             async for _ in client.scan_iter(match=pattern, count=1000):
                 count += 1
             metrics.set_live_sessions(count)
-        except Exception as error:  # noqa: BLE001 - a failed count must not stop the server
+        except Exception as error:
             log.warning("live session count failed: %s", type(error).__name__)
         await asyncio.sleep(LIVE_SESSION_SCAN_INTERVAL)

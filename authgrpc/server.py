@@ -1,4 +1,8 @@
-"""Assembling and running the auth server: store, keys, servicer, health, reflection, shutdown."""
+"""Assembling and running the auth server.
+
+The server combines the store, keys, servicer, health, reflection and
+graceful shutdown.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ def ephemeral_keys(algorithm: str = "EdDSA") -> KeySet:
 
 
 def open_store(settings: Settings) -> SessionStore:
-    """Return the Redis store for ``settings.redis_url``, or in dev mode without one, a MemoryStore."""
+    """Return a RedisStore for ``settings.redis_url``, or in dev mode a MemoryStore."""
     if settings.redis_url:
         return RedisStore.from_url(
             settings.redis_url,
@@ -62,12 +66,13 @@ def open_store(settings: Settings) -> SessionStore:
     if settings.dev:
         return MemoryStore()
     raise ConfigurationError(
-        "no session store: pass --redis-url URL (or set AUTHGRPC_REDIS_URL), or use --dev"
+        "no session store: pass --redis-url URL (or set AUTHGRPC_REDIS_URL), "
+        "or use --dev"
     )
 
 
 async def check_eviction_policy(store: RedisStore, *, refuse: bool) -> None:
-    """Warn, or with ``refuse`` raise, when Redis may evict keys: sessions and counters would vanish."""
+    """Warn, or with ``refuse`` raise, when Redis may evict sessions and counters."""
     try:
         policy = (await store.client.config_get("maxmemory-policy")).get(
             b"maxmemory-policy", b""
@@ -79,10 +84,11 @@ async def check_eviction_policy(store: RedisStore, *, refuse: bool) -> None:
         )
         return
     name = policy.decode() if isinstance(policy, bytes) else str(policy)
-    # Every session and counter key has a TTL, so volatile-* policies evict them as well.
+    # Every session and counter key has a TTL, so volatile-* policies evict them too.
     if name and name != "noeviction":
         message = (
-            f"Redis maxmemory-policy is {name}: under memory pressure Redis would evict sessions and "
+            f"Redis maxmemory-policy is {name}: under memory pressure Redis would "
+            "evict sessions and "
             "failed-login counters; set it to noeviction"
         )
         if refuse:
@@ -111,7 +117,7 @@ class AuthServer:
         return f"{host}:{self.port}"
 
     def reload_keys(self) -> bool:
-        """Reload the key set from disk; keep the old one and log why if the new one is invalid."""
+        """Reload the key set from disk; on an invalid one, log why and keep the old."""
         path = self.settings.signing_key
         if path is None:
             return False
@@ -174,7 +180,7 @@ class AuthServer:
             await self.health.set(service, status)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, finish in-flight calls within the grace period, and close the store."""
+        """Report NOT_SERVING, finish in-flight calls within the grace period, close."""
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
@@ -254,7 +260,9 @@ async def start_server(
         running.metrics_http = metrics.serve_http(settings.metrics_listen)
         if isinstance(store, RedisStore):
             pattern = f"{store.keys.prefix}:{{u:*}}:s:*"
-            task = asyncio.create_task(count_live_sessions(metrics, store.client, pattern))
+            task = asyncio.create_task(
+                count_live_sessions(metrics, store.client, pattern)
+            )
             running._tasks.append(task)
     await running._set_health(True)
     running._tasks.append(asyncio.create_task(running.watch_store()))

@@ -1,4 +1,4 @@
-"""The ``authgrpc.v1.AuthService`` servicer: translates requests into Authenticator calls.
+"""The ``authgrpc.v1.AuthService`` servicer: requests become Authenticator calls.
 
 Each method maps :class:`~authgrpc.errors.AuthError` to its status in
 :func:`authgrpc.errors.to_status`. Any other exception is logged with its
@@ -29,8 +29,8 @@ from authgrpc.errors import (
     to_status,
 )
 from authgrpc.keys import KeySet
-from authgrpc.metrics import NullMetrics
 from authgrpc.metadata import bearer_token, client_address
+from authgrpc.metrics import NullMetrics
 from authgrpc.principal import current_principal
 from authgrpc.store import SessionRecord
 from authgrpc.v1 import auth_pb2, auth_pb2_grpc
@@ -52,24 +52,30 @@ PUBLIC_METHODS = tuple(
 
 
 def _handle_errors(method: Handler[Request, Response]) -> Handler[Request, Response]:
-    """Run a servicer method under the caller's deadline, map its errors, and record metrics."""
+    """Run a method within the caller's deadline, map its errors, record metrics."""
     name = method.__name__
 
     @functools.wraps(method)
-    async def wrapper(self: AuthServicer, request: Request, context: grpc.aio.ServicerContext) -> Response:
+    async def wrapper(
+        self: AuthServicer, request: Request, context: grpc.aio.ServicerContext
+    ) -> Response:
         started = time.perf_counter()
         outcome, code = "ok", grpc.StatusCode.OK
         remaining = context.time_remaining()
         try:
-            async with asyncio.timeout(None if remaining is None else max(remaining - 0.05, 0.01)):
+            async with asyncio.timeout(
+                None if remaining is None else max(remaining - 0.05, 0.01)
+            ):
                 return await method(self, request, context)
         except AuthError as error:
             outcome, code = error.reason.value, error.code
             status = to_status(error)
         except TimeoutError:
-            error = StoreUnavailable("session store did not answer within the call's deadline")
-            outcome, code = error.reason.value, error.code
-            status = to_status(error)
+            timed_out = StoreUnavailable(
+                "session store did not answer within the call's deadline"
+            )
+            outcome, code = timed_out.reason.value, timed_out.code
+            status = to_status(timed_out)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             outcome, code = "aborted", grpc.StatusCode.CANCELLED
             raise
@@ -194,7 +200,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
 
 def _token_from(body_token: str, context: grpc.aio.ServicerContext) -> str:
-    """Return the access token from the body or the ``authorization`` metadata; both must agree."""
+    """Return the token of the body or ``authorization`` metadata; both must agree."""
     try:
         header_token = bearer_token(context.invocation_metadata())
     except Unauthenticated:

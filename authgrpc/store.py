@@ -32,7 +32,7 @@ def new_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class UserRecord:
-    """A stored user. ``generation`` changes whenever its sessions are ended en masse."""
+    """A stored user. ``generation`` changes whenever all its sessions end."""
 
     user_id: str
     username: str
@@ -203,7 +203,7 @@ class _Counter:
 
 
 class MemoryStore:
-    """An in-process store with the same behaviour as the Redis one, for dev mode and tests.
+    """An in-process store that behaves as the Redis one, for dev mode and tests.
 
     Everything lives in this process and is lost when it exits. ``clock``
     returns the time in milliseconds, so tests can move it forward.

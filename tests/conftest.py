@@ -89,7 +89,7 @@ class RedisProcess:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of a Redis for the whole test session: AUTHGRPC_TEST_REDIS_URL, or our own."""
+    """Return the test session's Redis: AUTHGRPC_TEST_REDIS_URL, or one of our own."""
     configured = os.environ.get("AUTHGRPC_TEST_REDIS_URL")
     if configured:
         yield configured
@@ -111,7 +111,7 @@ def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
 
 @pytest.fixture
 def prefix(request: pytest.FixtureRequest) -> str:
-    """A Redis key prefix unique to the test, so that tests sharing a Redis do not collide."""
+    """Return a key prefix unique to the test, so tests sharing one Redis never clash."""
     return f"t{abs(hash(request.node.nodeid)) % 10**10}{os.getpid()}"
 
 

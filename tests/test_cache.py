@@ -1,4 +1,4 @@
-"""The validation cache and its invalidation channel, against real redis-server processes."""
+"""The validation cache and its invalidation channel, against real redis-server."""
 
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ from authgrpc.store import SessionRecord, wall_clock_ms
 CHANNEL = "authgrpc:ended"
 
 
-def record(user_id: str = "u1", session_id: str = "s1", lifetime_ms: int = 60_000) -> SessionRecord:
+def record(
+    user_id: str = "u1", session_id: str = "s1", lifetime_ms: int = 60_000
+) -> SessionRecord:
     now = wall_clock_ms()
-    return SessionRecord(session_id, user_id, "alice", (), now, now + lifetime_ms, now + lifetime_ms, now)
+    return SessionRecord(
+        session_id, user_id, "alice", (), now, now + lifetime_ms, now + lifetime_ms, now
+    )
 
 
 def wait_until(condition: Any, timeout: float = 5.0) -> bool:
@@ -31,7 +35,9 @@ def listener_for(port: int, cache: ValidationCache) -> InvalidationListener:
     def factory() -> redis.Redis:
         return redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
 
-    return InvalidationListener(factory, CHANNEL, cache, ping_interval=0.1, ping_timeout=0.5).start()
+    return InvalidationListener(
+        factory, CHANNEL, cache, ping_interval=0.1, ping_timeout=0.5
+    ).start()
 
 
 def test_cache_off_until_subscribed() -> None:

@@ -22,8 +22,17 @@ AUTHGRPC = str(Path(sys.executable).parent / "authgrpc")
 PASSWORD = "a long passphrase"
 
 
-def run(*args: str, env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([AUTHGRPC, *args], env=env, input=stdin, capture_output=True, text=True, timeout=60)
+def run(
+    *args: str, env: dict[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [AUTHGRPC, *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -48,8 +57,18 @@ class Server:
     def __init__(self, env: dict[str, str], *extra: str):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        command = [AUTHGRPC, "serve", "--listen", self.address, "--grace-period", "2", *extra]
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        command = [
+            AUTHGRPC,
+            "serve",
+            "--listen",
+            self.address,
+            "--grace-period",
+            "2",
+            *extra,
+        ]
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         self.wait_ready()
 
     def wait_ready(self) -> None:
@@ -80,7 +99,16 @@ def validate(address: str, token: str) -> auth_pb2.ValidateSessionResponse:
 
 
 def test_user_add_and_list(env: dict[str, str]) -> None:
-    added = run("user", "add", "Alice", "--password-stdin", "--role", "admin", env=env, stdin=PASSWORD + "\n")
+    added = run(
+        "user",
+        "add",
+        "Alice",
+        "--password-stdin",
+        "--role",
+        "admin",
+        env=env,
+        stdin=PASSWORD + "\n",
+    )
     listed = run("user", "list", env=env)
 
     assert added.returncode == 0, added.stderr
@@ -208,7 +236,14 @@ def test_passwd_changes_password(env: dict[str, str]) -> None:
     run("keys", "generate", "--out", env["AUTHGRPC_SIGNING_KEY"], env=env)
     run("user", "add", "alice", "--password-stdin", env=env, stdin=PASSWORD)
 
-    changed = run("user", "passwd", "alice", "--password-stdin", env=env, stdin="another long passphrase\n")
+    changed = run(
+        "user",
+        "passwd",
+        "alice",
+        "--password-stdin",
+        env=env,
+        stdin="another long passphrase\n",
+    )
     server = Server(env)
     try:
         with pytest.raises(grpc.RpcError) as old:

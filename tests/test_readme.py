@@ -1,4 +1,4 @@
-"""Run the README's grpcurl walkthrough, exactly as printed, against `authgrpc serve --dev`."""
+"""Run the README's grpcurl walkthrough as printed against `authgrpc serve --dev`."""
 
 from __future__ import annotations
 
@@ -21,14 +21,16 @@ UNAUTHENTICATED_EXIT = 64 + 16  # grpcurl exits with 64 plus the gRPC status cod
 
 
 def walkthrough_commands() -> list[str]:
-    """Return the lines of the shell block that follows the walkthrough marker in README.md."""
+    """Return the lines of the shell block after the walkthrough marker in README.md."""
     text = (ROOT / "README.md").read_text()
     match = re.search(r"<!-- walkthrough -->\n```sh\n(.*?)```", text, re.DOTALL)
     assert match is not None, "README.md has no walkthrough block"
     return [line for line in match.group(1).splitlines() if line.strip()]
 
 
-def wait_for_port(address: tuple[str, int], process: subprocess.Popen[str], timeout: float = 20) -> None:
+def wait_for_port(
+    address: tuple[str, int], process: subprocess.Popen[str], timeout: float = 20
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -45,11 +47,16 @@ def wait_for_port(address: tuple[str, int], process: subprocess.Popen[str], time
 def dev_server() -> Iterator[subprocess.Popen[str]]:
     with socket.socket() as probe:
         if probe.connect_ex(ADDRESS) == 0:
-            pytest.fail(f"{ADDRESS[0]}:{ADDRESS[1]} is in use; stop what listens there to run the walkthrough")
+            pytest.fail(
+                f"{ADDRESS[0]}:{ADDRESS[1]} is in use; "
+                "stop what listens there to run the walkthrough"
+            )
     env = {**os.environ, "AUTHGRPC_DEV_PASSWORD": PASSWORD}
     env.pop("AUTHGRPC_REDIS_URL", None)
     command = [str(Path(sys.executable).parent / "authgrpc"), "serve", "--dev"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wait_for_port(ADDRESS, process)
     yield process
     process.terminate()
@@ -61,9 +68,13 @@ def test_walkthrough_runs_as_printed(dev_server: subprocess.Popen[str]) -> None:
     commands = walkthrough_commands()
     script = "\n".join(f'{line}\necho "__exit=$?"' for line in commands)
 
-    result = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
-    exits = [int(code) for code in re.findall(r"^__exit=(\d+)$", result.stdout, re.MULTILINE)]
+    exits = [
+        int(code) for code in re.findall(r"^__exit=(\d+)$", result.stdout, re.MULTILINE)
+    ]
     assert len(exits) == len(commands), result.stdout + result.stderr
     validate_lines = [i for i, line in enumerate(commands) if "ValidateSession" in line]
     expected = [0] * len(commands)

@@ -1,4 +1,4 @@
-"""AuthService end to end: a real server on loopback, a real channel, both session stores."""
+"""AuthService end to end: a real server and channel on loopback, both stores."""
 
 from __future__ import annotations
 
@@ -40,8 +40,12 @@ class Harness:
     stub: Any
     channel: grpc.aio.Channel
 
-    async def login(self, username: str = "alice", password: str = PASSWORD, **kwargs: Any) -> Any:
-        return await self.stub.Login(auth_pb2.LoginRequest(username=username, password=password), **kwargs)
+    async def login(
+        self, username: str = "alice", password: str = PASSWORD, **kwargs: Any
+    ) -> Any:
+        return await self.stub.Login(
+            auth_pb2.LoginRequest(username=username, password=password), **kwargs
+        )
 
 
 async def start(settings: Settings, store: SessionStore, keys: KeySet) -> Harness:
@@ -57,8 +61,14 @@ def base_settings(**overrides: Any) -> Settings:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def harness(request: pytest.FixtureRequest, redis_url: str, prefix: str, keys: KeySet) -> AsyncIterator[Harness]:
-    store: SessionStore = MemoryStore() if request.param == "memory" else RedisStore.from_url(redis_url, prefix=prefix)
+async def harness(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, keys: KeySet
+) -> AsyncIterator[Harness]:
+    store: SessionStore = (
+        MemoryStore()
+        if request.param == "memory"
+        else RedisStore.from_url(redis_url, prefix=prefix)
+    )
     running = await start(base_settings(), store, keys)
     yield running
     await running.channel.close()
@@ -81,10 +91,16 @@ async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
 async def test_login_validate_logout_sequence(harness: Harness) -> None:
     login = await harness.login()
 
-    validated = await harness.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=login.access_token))
-    await harness.stub.Logout(auth_pb2.LogoutRequest(), metadata=bearer(login.access_token))
+    validated = await harness.stub.ValidateSession(
+        auth_pb2.ValidateSessionRequest(access_token=login.access_token)
+    )
+    await harness.stub.Logout(
+        auth_pb2.LogoutRequest(), metadata=bearer(login.access_token)
+    )
     error = await rpc_error(
-        harness.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=login.access_token))
+        harness.stub.ValidateSession(
+            auth_pb2.ValidateSessionRequest(access_token=login.access_token)
+        )
     )
 
     assert login.token_type == "Bearer"
@@ -100,7 +116,9 @@ async def test_logout_twice_is_ok(harness: Harness) -> None:
     login = await harness.login()
 
     await harness.stub.Logout(auth_pb2.LogoutRequest(access_token=login.access_token))
-    second = await harness.stub.Logout(auth_pb2.LogoutRequest(access_token=login.access_token))
+    second = await harness.stub.Logout(
+        auth_pb2.LogoutRequest(access_token=login.access_token)
+    )
 
     assert second == auth_pb2.LogoutResponse()
 
@@ -111,7 +129,9 @@ async def test_logout_bad_signature_rejected(harness: Harness) -> None:
     flipped = "A" if signature[10] != "A" else "B"
     forged = f"{head}.{payload}.{signature[:10]}{flipped}{signature[11:]}"
 
-    error = await rpc_error(harness.stub.Logout(auth_pb2.LogoutRequest(access_token=forged)))
+    error = await rpc_error(
+        harness.stub.Logout(auth_pb2.LogoutRequest(access_token=forged))
+    )
 
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error_info(error).reason == "TOKEN_BAD_SIGNATURE"
@@ -121,7 +141,10 @@ async def test_logout_tokens_must_agree(harness: Harness) -> None:
     first, second = await harness.login(), await harness.login()
 
     error = await rpc_error(
-        harness.stub.Logout(auth_pb2.LogoutRequest(access_token=first.access_token), metadata=bearer(second.access_token))
+        harness.stub.Logout(
+            auth_pb2.LogoutRequest(access_token=first.access_token),
+            metadata=bearer(second.access_token),
+        )
     )
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -134,7 +157,9 @@ async def test_unknown_user_and_wrong_password_alike(harness: Harness) -> None:
 
     assert unknown.code() == wrong.code() == grpc.StatusCode.UNAUTHENTICATED
     assert unknown.details() == wrong.details()
-    assert error_info(unknown).reason == error_info(wrong).reason == "INVALID_CREDENTIALS"
+    assert (
+        error_info(unknown).reason == error_info(wrong).reason == "INVALID_CREDENTIALS"
+    )
 
 
 @pytest.mark.parametrize(
@@ -147,9 +172,18 @@ async def test_unknown_user_and_wrong_password_alike(harness: Harness) -> None:
         ("alice", "p" * 1025, "password"),
         ("ali\x00ce", PASSWORD, "username"),
     ],
-    ids=["empty-user", "blank-user", "long-user", "empty-password", "long-password", "nul-in-user"],
+    ids=[
+        "empty-user",
+        "blank-user",
+        "long-user",
+        "empty-password",
+        "long-password",
+        "nul-in-user",
+    ],
 )
-async def test_login_bad_input(harness: Harness, username: str, password: str, field: str) -> None:
+async def test_login_bad_input(
+    harness: Harness, username: str, password: str, field: str
+) -> None:
     error = await rpc_error(harness.login(username, password))
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -158,7 +192,7 @@ async def test_login_bad_input(harness: Harness, username: str, password: str, f
 
 
 async def test_username_is_normalized(harness: Harness) -> None:
-    login = await harness.login("  ＡＬＩＣＥ ")
+    login = await harness.login("  \uff21\uff2c\uff29\uff23\uff25 ")  # fullwidth ALICE
 
     assert login.session.username == "alice"
 
@@ -171,7 +205,9 @@ async def test_disabled_user_cannot_log_in(harness: Harness) -> None:
     await harness.server.store.set_disabled(user.user_id, True)
     refused = await rpc_error(harness.login())
     ended = await rpc_error(
-        harness.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=login.access_token))
+        harness.stub.ValidateSession(
+            auth_pb2.ValidateSessionRequest(access_token=login.access_token)
+        )
     )
 
     assert error_info(refused).reason == "INVALID_CREDENTIALS"
@@ -181,7 +217,9 @@ async def test_disabled_user_cannot_log_in(harness: Harness) -> None:
 async def test_refresh_rotates_tokens(harness: Harness) -> None:
     login = await harness.login()
 
-    refreshed = await harness.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=login.refresh_token))
+    refreshed = await harness.stub.Refresh(
+        auth_pb2.RefreshRequest(refresh_token=login.refresh_token)
+    )
     validated = await harness.stub.ValidateSession(
         auth_pb2.ValidateSessionRequest(access_token=refreshed.access_token)
     )
@@ -195,24 +233,38 @@ async def test_refresh_retry_in_grace_returns_same(harness: Harness) -> None:
     login = await harness.login()
     request = auth_pb2.RefreshRequest(refresh_token=login.refresh_token)
 
-    first, second = await asyncio.gather(harness.stub.Refresh(request), harness.stub.Refresh(request))
+    first, second = await asyncio.gather(
+        harness.stub.Refresh(request), harness.stub.Refresh(request)
+    )
 
     assert first.refresh_token == second.refresh_token
 
 
-async def test_refresh_reuse_ends_session(redis_url: str, prefix: str, keys: KeySet) -> None:
+async def test_refresh_reuse_ends_session(
+    redis_url: str, prefix: str, keys: KeySet
+) -> None:
     store = RedisStore.from_url(redis_url, prefix=prefix)
     running = await start(base_settings(refresh_grace=0), store, keys)
     try:
         login = await running.login()
-        rotated = await running.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=login.refresh_token))
+        rotated = await running.stub.Refresh(
+            auth_pb2.RefreshRequest(refresh_token=login.refresh_token)
+        )
 
-        reuse = await rpc_error(running.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=login.refresh_token)))
+        reuse = await rpc_error(
+            running.stub.Refresh(
+                auth_pb2.RefreshRequest(refresh_token=login.refresh_token)
+            )
+        )
         after = await rpc_error(
-            running.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=rotated.refresh_token))
+            running.stub.Refresh(
+                auth_pb2.RefreshRequest(refresh_token=rotated.refresh_token)
+            )
         )
         access = await rpc_error(
-            running.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=rotated.access_token))
+            running.stub.ValidateSession(
+                auth_pb2.ValidateSessionRequest(access_token=rotated.access_token)
+            )
         )
 
         assert error_info(reuse).reason == "REFRESH_TOKEN_REUSED"
@@ -227,12 +279,17 @@ async def test_refresh_reuse_ends_session(redis_url: str, prefix: str, keys: Key
 async def test_list_and_revoke_sessions(harness: Harness) -> None:
     current, other = await harness.login(), await harness.login()
 
-    listed = await harness.stub.ListSessions(auth_pb2.ListSessionsRequest(), metadata=bearer(current.access_token))
+    listed = await harness.stub.ListSessions(
+        auth_pb2.ListSessionsRequest(), metadata=bearer(current.access_token)
+    )
     revoked = await harness.stub.RevokeSession(
-        auth_pb2.RevokeSessionRequest(session_id=other.session.session_id), metadata=bearer(current.access_token)
+        auth_pb2.RevokeSessionRequest(session_id=other.session.session_id),
+        metadata=bearer(current.access_token),
     )
     refused = await rpc_error(
-        harness.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=other.access_token))
+        harness.stub.ValidateSession(
+            auth_pb2.ValidateSessionRequest(access_token=other.access_token)
+        )
     )
 
     marked = {s.session_id: s.current for s in listed.sessions}
@@ -253,14 +310,19 @@ async def test_logout_all_keeps_current(harness: Harness) -> None:
     others = [await harness.login() for _ in range(3)]
 
     response = await harness.stub.LogoutAll(
-        auth_pb2.LogoutAllRequest(keep_current=True), metadata=bearer(current.access_token)
+        auth_pb2.LogoutAllRequest(keep_current=True),
+        metadata=bearer(current.access_token),
     )
 
     assert response.revoked_count == 3
-    await harness.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=current.access_token))
+    await harness.stub.ValidateSession(
+        auth_pb2.ValidateSessionRequest(access_token=current.access_token)
+    )
     for other in others:
         error = await rpc_error(
-            harness.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=other.access_token))
+            harness.stub.ValidateSession(
+                auth_pb2.ValidateSessionRequest(access_token=other.access_token)
+            )
         )
         assert error_info(error).reason == "SESSION_ENDED"
 
@@ -270,7 +332,9 @@ async def test_logout_all_beats_concurrent_logins(harness: Harness) -> None:
 
     results = await asyncio.gather(
         *(harness.login() for _ in range(8)),
-        harness.stub.LogoutAll(auth_pb2.LogoutAllRequest(), metadata=bearer(current.access_token)),
+        harness.stub.LogoutAll(
+            auth_pb2.LogoutAllRequest(), metadata=bearer(current.access_token)
+        ),
         return_exceptions=True,
     )
 
@@ -279,7 +343,9 @@ async def test_logout_all_beats_concurrent_logins(harness: Harness) -> None:
         if isinstance(result, BaseException):
             continue
         try:
-            await harness.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=result.access_token))
+            await harness.stub.ValidateSession(
+                auth_pb2.ValidateSessionRequest(access_token=result.access_token)
+            )
         except grpc.aio.AioRpcError as error:
             assert error_info(error).reason == "SESSION_ENDED"
         else:
@@ -288,9 +354,13 @@ async def test_logout_all_beats_concurrent_logins(harness: Harness) -> None:
     assert not isinstance(results[-1], BaseException)
 
 
-async def test_login_throttled_with_retry_info(redis_url: str, prefix: str, keys: KeySet) -> None:
+async def test_login_throttled_with_retry_info(
+    redis_url: str, prefix: str, keys: KeySet
+) -> None:
     store = RedisStore.from_url(redis_url, prefix=prefix)
-    policy = ThrottlePolicy(max_failures=3, window_ms=60_000, lockout_ms=30_000, max_lockout_ms=60_000)
+    policy = ThrottlePolicy(
+        max_failures=3, window_ms=60_000, lockout_ms=30_000, max_lockout_ms=60_000
+    )
     running = await start(base_settings(throttle=policy), store, keys)
     try:
         for _ in range(3):
@@ -303,7 +373,11 @@ async def test_login_throttled_with_retry_info(redis_url: str, prefix: str, keys
         status = rpc_status.from_call(locked)
         assert status is not None
         retry = error_details_pb2.RetryInfo()
-        assert any(detail.Unpack(retry) for detail in status.details if detail.Is(retry.DESCRIPTOR))
+        assert any(
+            detail.Unpack(retry)
+            for detail in status.details
+            if detail.Is(retry.DESCRIPTOR)
+        )
         assert 0 < retry.retry_delay.seconds <= 30
     finally:
         await running.channel.close()
@@ -311,10 +385,16 @@ async def test_login_throttled_with_retry_info(redis_url: str, prefix: str, keys
         await cleanup(RedisStore.from_url(redis_url, prefix=prefix), prefix)
 
 
-async def test_lockout_hides_user_existence(redis_url: str, prefix: str, keys: KeySet) -> None:
+async def test_lockout_hides_user_existence(
+    redis_url: str, prefix: str, keys: KeySet
+) -> None:
     store = RedisStore.from_url(redis_url, prefix=prefix)
-    policy = ThrottlePolicy(max_failures=2, window_ms=60_000, lockout_ms=30_000, max_lockout_ms=60_000)
-    running = await start(base_settings(throttle=policy, trusted_proxies=()), store, keys)
+    policy = ThrottlePolicy(
+        max_failures=2, window_ms=60_000, lockout_ms=30_000, max_lockout_ms=60_000
+    )
+    running = await start(
+        base_settings(throttle=policy, trusted_proxies=()), store, keys
+    )
     try:
         messages = []
         for name in ("alice", "nobody"):
@@ -322,7 +402,9 @@ async def test_lockout_hides_user_existence(redis_url: str, prefix: str, keys: K
                 await rpc_error(running.login(name, "wrong password"))
             await running.server.store.throttle_reset("ip:127.0.0.1")
             locked = await rpc_error(running.login(name, "wrong password"))
-            messages.append((locked.code(), locked.details(), error_info(locked).reason))
+            messages.append(
+                (locked.code(), locked.details(), error_info(locked).reason)
+            )
 
         assert messages[0] == messages[1]
         assert messages[0][0] == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -332,7 +414,9 @@ async def test_lockout_hides_user_existence(redis_url: str, prefix: str, keys: K
         await cleanup(RedisStore.from_url(redis_url, prefix=prefix), prefix)
 
 
-async def test_password_rehashed_on_login(redis_url: str, prefix: str, keys: KeySet) -> None:
+async def test_password_rehashed_on_login(
+    redis_url: str, prefix: str, keys: KeySet
+) -> None:
     store = RedisStore.from_url(redis_url, prefix=prefix)
     running = await start(base_settings(), store, keys)
     try:
@@ -343,28 +427,43 @@ async def test_password_rehashed_on_login(redis_url: str, prefix: str, keys: Key
 
         stored = await store.get_user(user.user_id)
         assert stored is not None
-        assert argon2.extract_parameters(stored.password_hash).memory_cost == FAST_HASHER.memory_cost
+        assert (
+            argon2.extract_parameters(stored.password_hash).memory_cost
+            == FAST_HASHER.memory_cost
+        )
     finally:
         await running.channel.close()
         await running.server.stop(0)
         await cleanup(RedisStore.from_url(redis_url, prefix=prefix), prefix)
 
 
-async def test_idle_and_absolute_expiry(redis_url: str, prefix: str, keys: KeySet) -> None:
+async def test_idle_and_absolute_expiry(
+    redis_url: str, prefix: str, keys: KeySet
+) -> None:
     store = RedisStore.from_url(redis_url, prefix=prefix)
-    running = await start(base_settings(idle_timeout=0.6, absolute_timeout=1.2, touch_interval=0), store, keys)
+    running = await start(
+        base_settings(idle_timeout=0.6, absolute_timeout=1.2, touch_interval=0),
+        store,
+        keys,
+    )
     try:
         idle = await running.login()
         busy = await running.login()
         for _ in range(3):
             await asyncio.sleep(0.35)
-            await running.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=busy.access_token))
+            await running.stub.ValidateSession(
+                auth_pb2.ValidateSessionRequest(access_token=busy.access_token)
+            )
         idle_error = await rpc_error(
-            running.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=idle.access_token))
+            running.stub.ValidateSession(
+                auth_pb2.ValidateSessionRequest(access_token=idle.access_token)
+            )
         )
         await asyncio.sleep(0.3)
         absolute_error = await rpc_error(
-            running.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=busy.access_token))
+            running.stub.ValidateSession(
+                auth_pb2.ValidateSessionRequest(access_token=busy.access_token)
+            )
         )
 
         assert error_info(idle_error).reason == "SESSION_ENDED"
@@ -406,7 +505,9 @@ async def test_redis_stopped_mid_run(redis_process: Any, keys: KeySet) -> None:
         await running.server.stop(0)
 
 
-async def test_frozen_redis_answers_within_deadline(redis_process: Any, keys: KeySet) -> None:
+async def test_frozen_redis_answers_within_deadline(
+    redis_process: Any, keys: KeySet
+) -> None:
     store = RedisStore.from_url(redis_process.url, timeout=5)
     running = await start(base_settings(redis_timeout=5), store, keys)
     try:
@@ -441,12 +542,16 @@ async def test_jwks_lists_public_key(harness: Harness, keys: KeySet) -> None:
 async def test_health_and_reflection_public(harness: Harness) -> None:
     health = health_pb2_grpc.HealthStub(harness.channel)
 
-    response = await health.Check(health_pb2.HealthCheckRequest(service="authgrpc.v1.AuthService"))
+    response = await health.Check(
+        health_pb2.HealthCheckRequest(service="authgrpc.v1.AuthService")
+    )
 
     assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_metrics_served_when_enabled(redis_url: str, prefix: str, keys: KeySet) -> None:
+async def test_metrics_served_when_enabled(
+    redis_url: str, prefix: str, keys: KeySet
+) -> None:
     import urllib.request
 
     from tests.conftest import free_port
@@ -456,10 +561,14 @@ async def test_metrics_served_when_enabled(redis_url: str, prefix: str, keys: Ke
     running = await start(base_settings(metrics_listen=listen), store, keys)
     try:
         login = await running.login()
-        await running.stub.ValidateSession(auth_pb2.ValidateSessionRequest(access_token=login.access_token))
+        await running.stub.ValidateSession(
+            auth_pb2.ValidateSessionRequest(access_token=login.access_token)
+        )
         await rpc_error(running.login("alice", "wrong password"))
 
-        body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://{listen}/metrics", timeout=5).read())
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://{listen}/metrics", timeout=5).read()
+        )
         text = body.decode()
 
         assert 'authgrpc_calls_total{code="OK",method="Login"} 1.0' in text

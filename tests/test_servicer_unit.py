@@ -1,4 +1,4 @@
-"""AuthServicer unit tests through grpcio-testing, with the in-memory store and no network.
+"""AuthServicer unit tests through grpcio-testing, with the in-memory store.
 
 grpcio-testing drives synchronous servicers only, so each async method runs
 on a background event loop and a small adapter gives it the asyncio
@@ -34,11 +34,11 @@ PASSWORD = "correct horse battery"
 
 
 class Aborted(Exception):
-    """Raised by AsyncContext.abort*, after the status is set on the grpcio-testing context."""
+    """Raised by AsyncContext.abort*, once the status is set on the test context."""
 
 
 class AsyncContext:
-    """The awaitable ServicerContext methods that AuthServicer uses, on a grpcio-testing context."""
+    """The awaitable context methods that AuthServicer uses, on a grpcio-testing one."""
 
     def __init__(self, context: Any):
         self._context = context
@@ -53,7 +53,7 @@ class AsyncContext:
         return self._context.time_remaining()
 
     async def abort_with_status(self, status: Any) -> None:
-        # grpcio-testing's own abort() drops trailing metadata, which carries the ErrorInfo.
+        # grpcio-testing's abort() drops trailing metadata, which carries the ErrorInfo.
         self._context.set_trailing_metadata(status.trailing_metadata)
         await self.abort(status.code, status.details)
 
@@ -101,21 +101,35 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 @pytest.fixture
-def subject(loop: asyncio.AbstractEventLoop, keys: KeySet) -> tuple[Any, SyncServicer, MemoryStore]:
+def subject(
+    loop: asyncio.AbstractEventLoop, keys: KeySet
+) -> tuple[Any, SyncServicer, MemoryStore]:
     settings = Settings(listen="127.0.0.1:0", dev=True)
     store = MemoryStore()
-    hasher = PasswordHasher(argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-    issuer = TokenIssuer(keys, issuer="authgrpc", audience="authgrpc", lifetime_seconds=60)
+    hasher = PasswordHasher(
+        argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    )
+    issuer = TokenIssuer(
+        keys, issuer="authgrpc", audience="authgrpc", lifetime_seconds=60
+    )
     verifier = TokenVerifier(keys, issuer="authgrpc", audience="authgrpc")
     authenticator = Authenticator(settings, store, issuer, verifier, hasher)
-    asyncio.run_coroutine_threadsafe(store.create_user("alice", hasher.hash_sync(PASSWORD), ()), loop).result(5)
+    asyncio.run_coroutine_threadsafe(
+        store.create_user("alice", hasher.hash_sync(PASSWORD), ()), loop
+    ).result(5)
     servicer = SyncServicer(AuthServicer(authenticator, lambda: keys), loop)
-    server = grpc_testing.server_from_dictionary({SERVICE: servicer}, grpc_testing.strict_real_time())
+    server = grpc_testing.server_from_dictionary(
+        {SERVICE: servicer}, grpc_testing.strict_real_time()
+    )
     return server, servicer, store
 
 
-def invoke(server: Any, method: str, request: Any, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
-    rpc = server.invoke_unary_unary(SERVICE.methods_by_name[method], metadata, request, 5)
+def invoke(
+    server: Any, method: str, request: Any, metadata: tuple[tuple[str, str], ...] = ()
+) -> Any:
+    rpc = server.invoke_unary_unary(
+        SERVICE.methods_by_name[method], metadata, request, 5
+    )
     return rpc.termination()
 
 
@@ -130,19 +144,26 @@ def reason(trailing_metadata: Any) -> str:
 def test_login_returns_tokens_and_session(subject: Any) -> None:
     server, _, _ = subject
 
-    response, _, code, _ = invoke(server, "Login", auth_pb2.LoginRequest(username="alice", password=PASSWORD))
+    response, _, code, _ = invoke(
+        server, "Login", auth_pb2.LoginRequest(username="alice", password=PASSWORD)
+    )
 
     assert code == grpc.StatusCode.OK
     assert response.token_type == "Bearer"
     assert response.refresh_token.startswith("rt1.")
     assert response.session.peer == "192.0.2.7"
-    assert response.session.absolute_expire_time.ToMilliseconds() > response.session.create_time.ToMilliseconds()
+    assert (
+        response.session.absolute_expire_time.ToMilliseconds()
+        > response.session.create_time.ToMilliseconds()
+    )
 
 
 def test_login_wrong_password_status(subject: Any) -> None:
     server, _, _ = subject
 
-    _, trailing, code, details = invoke(server, "Login", auth_pb2.LoginRequest(username="alice", password="nope"))
+    _, trailing, code, details = invoke(
+        server, "Login", auth_pb2.LoginRequest(username="alice", password="nope")
+    )
 
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert details == "invalid username or password"
@@ -151,13 +172,20 @@ def test_login_wrong_password_status(subject: Any) -> None:
 
 def test_logout_reads_authorization_metadata(subject: Any) -> None:
     server, _, _ = subject
-    login, *_ = invoke(server, "Login", auth_pb2.LoginRequest(username="alice", password=PASSWORD))
+    login, *_ = invoke(
+        server, "Login", auth_pb2.LoginRequest(username="alice", password=PASSWORD)
+    )
 
     _, _, code, _ = invoke(
-        server, "Logout", auth_pb2.LogoutRequest(), (("authorization", f"bearer {login.access_token}"),)
+        server,
+        "Logout",
+        auth_pb2.LogoutRequest(),
+        (("authorization", f"bearer {login.access_token}"),),
     )
     _, trailing, after, _ = invoke(
-        server, "ValidateSession", auth_pb2.ValidateSessionRequest(access_token=login.access_token)
+        server,
+        "ValidateSession",
+        auth_pb2.ValidateSessionRequest(access_token=login.access_token),
     )
 
     assert code == grpc.StatusCode.OK
@@ -176,10 +204,16 @@ def test_logout_without_token_rejected(subject: Any) -> None:
 
 def test_list_sessions_marks_current(subject: Any) -> None:
     server, servicer, _ = subject
-    login, *_ = invoke(server, "Login", auth_pb2.LoginRequest(username="alice", password=PASSWORD))
-    servicer.principal = Principal(login.session.user_id, "alice", (), login.session.session_id)
+    login, *_ = invoke(
+        server, "Login", auth_pb2.LoginRequest(username="alice", password=PASSWORD)
+    )
+    servicer.principal = Principal(
+        login.session.user_id, "alice", (), login.session.session_id
+    )
 
-    response, _, code, _ = invoke(server, "ListSessions", auth_pb2.ListSessionsRequest())
+    response, _, code, _ = invoke(
+        server, "ListSessions", auth_pb2.ListSessionsRequest()
+    )
 
     assert code == grpc.StatusCode.OK
     assert [s.current for s in response.sessions] == [True]
@@ -189,7 +223,9 @@ def test_revoke_session_validates_id(subject: Any) -> None:
     server, servicer, _ = subject
     servicer.principal = Principal("u", "alice", (), "s")
 
-    _, trailing, code, _ = invoke(server, "RevokeSession", auth_pb2.RevokeSessionRequest(session_id=""))
+    _, trailing, code, _ = invoke(
+        server, "RevokeSession", auth_pb2.RevokeSessionRequest(session_id="")
+    )
 
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert reason(trailing) == "INVALID_ARGUMENT"
