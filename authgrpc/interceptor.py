@@ -9,7 +9,7 @@ that the method requires, and runs the handler with the caller's
 with the status of :func:`authgrpc.errors.to_status`, including its ErrorInfo,
 and its handler never runs. An unexpected exception from the validator ends the
 call with UNAVAILABLE. Methods that the server does not implement pass through
-untouched, so the server still answers UNIMPLEMENTED.
+untouched, so the server still returns UNIMPLEMENTED.
 
 Installing one takes two lines::
 
@@ -56,7 +56,7 @@ _METHOD_PATTERN = re.compile(r"^/[^/*\s]+/([^/*\s]+|\*)$")
 
 
 class MethodPolicy:
-    """Which methods run without a token, and which roles each protected one requires.
+    """The methods that run without a token, and the roles each protected one requires.
 
     Names are full gRPC method names (``/pkg.Service/Method``) or whole services
     (``/pkg.Service/*``). A method's required roles are the union of the roles
@@ -105,7 +105,7 @@ class MethodPolicy:
         return exact | service
 
     def authorize(self, method: str, principal: Principal) -> None:
-        """Raise PermissionDenied unless ``principal`` holds the roles of ``method``."""
+        """Raise PermissionDenied unless ``principal`` has the roles of ``method``."""
         missing = self.roles_for(method).difference(principal.roles)
         if missing:
             raise PermissionDenied(
@@ -418,7 +418,7 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     A rejected call ends with ``context.abort_with_status``, which in grpc.aio
     sends the status at once, so an outer interceptor that maps the abort's
-    exception to another code cannot change what the caller sees. Handlers may
+    exception to another code cannot change the status the caller receives. Handlers may
     be coroutines, async generators, or plain functions, which run in the
     default thread pool.
     """

@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -247,13 +248,42 @@ return 0
 _UNAVAILABLE_ERRORS = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
-    redis.exceptions.ClusterDownError,
+    # ClusterDownError, and "TTL exhausted" when redirections never settle.
+    redis.exceptions.ClusterError,
+    redis.exceptions.SlotNotCoveredError,
+    # MOVED and ASK only reach us when the cluster client ran out of
+    # redirections, which happens while slots change owner in a failover.
+    redis.exceptions.AskError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.TryAgainError,
     redis.exceptions.MasterDownError,
     OSError,
     TimeoutError,
 )
+
+
+class _ClusterClient(RedisCluster):
+    """``redis.asyncio.cluster.RedisCluster`` that works under concurrent first use.
+
+    redis-py 8.1 decides how to route a command before it initializes the
+    client, and with no slot map yet it sends keyed commands to a random
+    node. The MOVED replies that follow make it close every node's
+    connections, including those that other tasks are using, so a burst of
+    concurrent calls on a new client (or after a CLUSTERDOWN reset) fails.
+    Loading the slot map first avoids that. Failing to load it means no node
+    answered, so it is raised as a ConnectionError, not RedisClusterException.
+    """
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> _ClusterClient:
+        try:
+            await super().initialize(*args, **kwargs)
+        except redis.exceptions.RedisClusterException as exc:
+            raise redis.exceptions.ConnectionError(str(exc)) from exc
+        return self
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self.initialize()
+        return await super().execute_command(*args, **kwargs)
 
 
 class KeyLayout:
@@ -300,7 +330,9 @@ def connect(url: str, *, timeout: float = 1.0, decode: bool = False) -> Any:
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "decode_responses": decode,
-        "retry": Retry(ExponentialBackoff(cap=timeout / 4, base=0.01), retries=1),
+        # The asyncio Retry: the synchronous one would return the coroutine
+        # unawaited from call_with_retry, so no call would ever be retried.
+        "retry": AsyncRetry(ExponentialBackoff(cap=timeout / 4, base=0.01), retries=1),
         "health_check_interval": 5,
     }
     parts = urlsplit(url)
@@ -310,7 +342,7 @@ def connect(url: str, *, timeout: float = 1.0, decode: bool = False) -> Any:
     if scheme in ("redis+cluster", "rediss+cluster"):
         base = url.replace("+cluster", "", 1)
         options.pop("health_check_interval")
-        return RedisCluster.from_url(base, **options)
+        return _ClusterClient.from_url(base, **options)
     if scheme == "redis+sentinel":
         hosts = []
         for item in parts.netloc.rsplit("@", 1)[-1].split(","):
@@ -323,8 +355,12 @@ def connect(url: str, *, timeout: float = 1.0, decode: bool = False) -> Any:
             )
         query = parse_qs(parts.query)
         db = int(query.get("db", ["0"])[0])
-        sentinel = Sentinel(
-            hosts, sentinel_kwargs={"socket_timeout": timeout}, **options
+        sentinel_options = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+        }
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs=sentinel_options, **options
         )
         return sentinel.master_for(service, db=db, password=parts.password)
     raise ConfigurationError(

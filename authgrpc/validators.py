@@ -15,9 +15,10 @@ Two kinds exist, each in a sync and an asyncio flavour:
   call ``AuthService/ValidateSession``.
 
 Every validator takes ``timeout``, the caller's remaining time in seconds, and
-gives up with StoreUnavailable once it has passed. A validation cache would
-wrap any of them behind the same :class:`Validator` protocol; none exists yet,
-so every validation reaches the session store or the auth service.
+gives up with StoreUnavailable once it has passed. These validators keep no
+cache, so every validation reaches the session store or the auth service. A
+session cache belongs in the local validators' ``_live_session``, the one
+method that reads the session.
 """
 
 from __future__ import annotations
@@ -219,8 +220,8 @@ class LocalValidator:
     """Validates tokens in sync code with the auth service's keys and its Redis.
 
     ``keys`` is a KeySet or a path to a JWKS file, a key file or a key
-    directory; it may be None when ``jwks_fetcher`` (such as a
-    :class:`GrpcJwksFetcher`) supplies the keys. A token naming an unknown
+    directory. It may be None when ``jwks_fetcher``, such as a
+    :class:`GrpcJwksFetcher`, supplies the keys. A token naming an unknown
     kid makes the verifier call ``jwks_fetcher`` again, at most once per 30
     seconds. ``redis_url`` and ``prefix`` must name the auth service's Redis
     and key prefix, and ``idle_timeout`` and ``touch_interval`` (seconds) its

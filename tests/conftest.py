@@ -111,7 +111,7 @@ def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
 
 @pytest.fixture
 def prefix(request: pytest.FixtureRequest) -> str:
-    """Return a key prefix unique to the test, so tests sharing one Redis never clash."""
+    """Return a key prefix unique to the test, so tests sharing a Redis never clash."""
     return f"t{abs(hash(request.node.nodeid)) % 10**10}{os.getpid()}"
 
 

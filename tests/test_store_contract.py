@@ -21,6 +21,9 @@ from authgrpc.store import (
     wall_clock_ms,
 )
 
+# Loads the shared redis_cluster and redis_sentinel fixtures.
+pytest_plugins = ["tests.topology"]
+
 LIMITS = SessionLimits(idle_ms=60_000, absolute_ms=120_000)
 
 
@@ -39,9 +42,16 @@ class ManualClock:
         return self.now
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(
+    params=[
+        "memory",
+        "redis",
+        pytest.param("cluster", marks=pytest.mark.slow),
+        pytest.param("sentinel", marks=pytest.mark.slow),
+    ]
+)
 async def subject(
-    request: pytest.FixtureRequest, redis_url: str, prefix: str
+    request: pytest.FixtureRequest, prefix: str
 ) -> AsyncIterator[StoreUnderTest]:
     if request.param == "memory":
         clock = ManualClock()
@@ -51,7 +61,14 @@ async def subject(
 
         yield StoreUnderTest(MemoryStore(clock=clock), advance_clock, False)
         return
-    store = RedisStore.from_url(redis_url, prefix=prefix)
+    # Each topology starts on first use, so a run without slow tests starts none.
+    if request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    elif request.param == "sentinel":
+        url = request.getfixturevalue("redis_sentinel").url
+    else:
+        url = request.getfixturevalue("redis_url")
+    store = RedisStore.from_url(url, prefix=prefix)
 
     async def sleep(milliseconds: int) -> None:
         await asyncio.sleep(milliseconds / 1000)

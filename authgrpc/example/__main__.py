@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="PEM file of the CA that signed the auth service's TLS certificate; "
         "without it the auth service is reached in plaintext",
     )
+
     parser.add_argument(
         "--redis-url",
         help="validate locally against the auth service's Redis at this URL",
@@ -97,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1.0,
         help="seconds to wait for the auth service or Redis (default: %(default)s)",
     )
+
     parser.add_argument(
         "--require-role",
         action="append",
@@ -104,7 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="ROLE",
         help="a role every greeter method requires; repeat for several",
     )
+
     parser.add_argument("--aio", action="store_true", help="serve with grpc.aio")
+
     args = parser.parse_args(argv)
     if args.keys is not None and args.redis_url is None:
         parser.error("--keys needs --redis-url")
