@@ -42,7 +42,7 @@ KINDS = ["unary_unary", "unary_stream", "stream_unary", "stream_stream"]
 ANONYMOUS = "<anonymous>"
 PASSWORD = "correct horse battery"
 FAST_HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-# Above the 8 KiB authorization limit, so that bearer_token() sees oversized values.
+# Above the 8 KiB authorization limit, so that oversized values reach bearer_token().
 SERVER_OPTIONS = [("grpc.max_metadata_size", 32 * 1024)]
 
 
@@ -133,7 +133,7 @@ class Calls:
 
 
 class BoomError(RuntimeError):
-    """Raised by the recording greeters when a request asks for it."""
+    """Raised by the recording greeters for a SayHello message of "boom"."""
 
 
 class RecordingGreeter(greeter_pb2_grpc.GreeterServiceServicer):  # type: ignore[misc]
@@ -227,7 +227,7 @@ def call(
         return [
             stub.CollectGreetings(requests, metadata=metadata, timeout=timeout).greeting
         ]
-    requests = iter([greeter_pb2.ChatRequest(message=m) for m in ("x", "y")])
+    requests = iter([greeter_pb2.ChatRequest(message=text) for text in ("x", "y")])
     responses = stub.Chat(requests, metadata=metadata, timeout=timeout)
     return [response.reply.partition(":")[0] for response in responses]
 

@@ -255,11 +255,9 @@ def test_remote_validator_keeps_reason(auth_target: str, sessions: Sessions) -> 
     )
     token = foreign.issue(session.record.user_id, session.record.session_id).token
 
-    with (
-        RemoteValidator(auth_target) as validator,
-        pytest.raises(Unauthenticated) as bad_signature,
-    ):
-        validator.validate(token)
+    with RemoteValidator(auth_target) as validator:
+        with pytest.raises(Unauthenticated) as bad_signature:
+            validator.validate(token)
         with pytest.raises(Unauthenticated) as malformed:
             validator.validate("not-a-jwt")
 
@@ -286,7 +284,7 @@ class _SlowAuthService(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
 @pytest.fixture
 def slow_auth_target() -> Iterator[str]:
-    """An auth service whose ValidateSession does not answer for 5 seconds."""
+    """An auth service whose ValidateSession takes 5 seconds to return."""
     servicer = _SlowAuthService()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
