@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BUF := npx --yes @bufbuild/buf@1.75.0
-PROTO := protos/authgrpc/v1/auth.proto
+PROTOS := protos/authgrpc/v1/auth.proto protos/authgrpc/example/v1/greeter.proto
 
 .PHONY: install run run-example test test-fast lint format proto proto-check bench clean
 
@@ -21,10 +21,10 @@ run: install
 	$(BIN)/authgrpc serve --dev
 
 run-example: install
-	$(BIN)/python -m authgrpc.example
+	$(BIN)/python -m authgrpc.example --listen 127.0.0.1:50061 --auth-target 127.0.0.1:50051
 
 proto: install
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
 proto-check: install
 	$(BIN)/python tools/check_generated.py

@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO = "protos/authgrpc/v1/auth.proto"
-GENERATED = ["auth_pb2.py", "auth_pb2.pyi", "auth_pb2_grpc.py"]
+PROTOS = ["protos/authgrpc/v1/auth.proto", "protos/authgrpc/example/v1/greeter.proto"]
+SUFFIXES = ["_pb2.py", "_pb2.pyi", "_pb2_grpc.py"]
 
 
 def main() -> int:
@@ -22,21 +22,22 @@ def main() -> int:
             f"--python_out={out}",
             f"--pyi_out={out}",
             f"--grpc_python_out={out}",
-            PROTO,
+            *PROTOS,
         ]
         subprocess.run(command, cwd=ROOT, check=True)
         stale = []
-        for name in GENERATED:
-            fresh = Path(out, "authgrpc", "v1", name).read_bytes()
-            committed = ROOT / "authgrpc" / "v1" / name
-            if not committed.exists() or committed.read_bytes() != fresh:
-                stale.append(str(committed.relative_to(ROOT)))
+        for proto in PROTOS:
+            stem = Path(proto).relative_to("protos").with_suffix("")
+            for suffix in SUFFIXES:
+                relative = f"{stem}{suffix}"
+                fresh = Path(out, relative).read_bytes()
+                committed = ROOT / relative
+                if not committed.exists() or committed.read_bytes() != fresh:
+                    stale.append(relative)
     if stale:
-        print(
-            f"generated code is stale: {', '.join(stale)}; run `make proto` and commit"
-        )
+        print(f"generated code is stale: {', '.join(stale)}; run `make proto`, commit")
         return 1
-    print("generated code matches", PROTO)
+    print("generated code matches", ", ".join(PROTOS))
     return 0
 
 
