@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
         "retire", help="delete a key that no longer signs from a key directory"
     )
     retire.add_argument("--dir", type=Path, required=True, help="the key directory")
-    retire.add_argument("kid")
+    retire.add_argument(
+        "kid", help="the kid to delete; put -- before it, since a kid may start with -"
+    )
     jwks = keys.add_parser("jwks", help="print the public keys as a JWKS document")
     jwks.add_argument(
         "--signing-key",

@@ -24,6 +24,7 @@ from authgrpc.authenticator import Authenticator, LoginResult
 from authgrpc.errors import (
     AuthError,
     InvalidArgument,
+    Reason,
     StoreUnavailable,
     Unauthenticated,
     to_status,
@@ -203,8 +204,9 @@ def _token_from(body_token: str, context: grpc.aio.ServicerContext) -> str:
     """Return the token of the body or ``authorization`` metadata; both must agree."""
     try:
         header_token = bearer_token(context.invocation_metadata())
-    except Unauthenticated:
-        if body_token:
+    except Unauthenticated as error:
+        # Only an absent header yields to the body; a malformed one is an error.
+        if body_token and error.reason is Reason.TOKEN_MISSING:
             return body_token
         raise
     if body_token and body_token != header_token:

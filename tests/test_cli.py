@@ -265,9 +265,11 @@ def test_keys_rotate_retire_and_jwks(env: dict[str, str], tmp_path: Path) -> Non
     jwks = run("keys", "jwks", "--signing-key", str(directory), env=env)
     kids = [key["kid"] for key in json.loads(jwks.stdout)["keys"]]
     active = (directory / "active").read_text().strip()
-    refuse_active = run("keys", "retire", "--dir", str(directory), active, env=env)
+    refuse_active = run(
+        "keys", "retire", "--dir", str(directory), "--", active, env=env
+    )
     old = next(kid for kid in kids if kid != active)
-    retired = run("keys", "retire", "--dir", str(directory), old, env=env)
+    retired = run("keys", "retire", "--dir", str(directory), "--", old, env=env)
     after = run("keys", "jwks", "--signing-key", str(directory), env=env)
 
     assert first.returncode == second.returncode == 0

@@ -361,10 +361,6 @@ async def test_other_users_session_kept(harness: Harness) -> None:
     assert validation.session.session_id == bob.session.session_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Logout falls back to the body token when authorization is ambiguous",
-)
 async def test_logout_two_headers_rejected(harness: Harness) -> None:
     metadata = [*bearer(harness.token), *bearer(harness.token)]
     request = auth_pb2.LogoutRequest(access_token=harness.token)
