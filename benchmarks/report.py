@@ -1,0 +1,237 @@
+"""The benchmark's table and its targets, computed from the rows of one run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadgen import JobResult
+
+# Rows whose throughput is compared with the floor: closed loop, same concurrency.
+THROUGHPUT_ROWS = (
+    "floor",
+    "public",
+    "validate",
+    "local",
+    "remote",
+    "cached",
+    "signature",
+)
+ROW_TITLES = {
+    "floor": "floor: no-op unary, no interceptor",
+    "public": "no-op, public method of AsyncAuthInterceptor",
+    "validate": "ValidateSession (auth service)",
+    "local": "protected no-op, AsyncLocalValidator",
+    "remote": "protected no-op, AsyncRemoteValidator",
+    "cached": "protected no-op, local validator + cache",
+    "signature": "protected no-op, signature only (stateless)",
+    "login": "Login, argon2id defaults, during the burst",
+    "validate_idle": "ValidateSession paced, idle",
+    "validate_burst": "ValidateSession paced, during the login burst",
+    "validate_small": "ValidateSession serial, {small} live sessions",
+    "validate_large": "ValidateSession serial, {large} live sessions",
+}  # fmt: skip
+
+
+@dataclass
+class Row:
+    """One line of the table, aggregated over the rounds of a run."""
+
+    name: str
+    latencies_ns: list[int] = field(default_factory=list)
+    rounds_rps: list[float] = field(default_factory=list)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        if not self.rounds_rps:
+            return math.nan
+        return sum(self.rounds_rps) / len(self.rounds_rps)
+
+    def percentile(self, fraction: float) -> float:
+        """Return a latency percentile in milliseconds, by the nearest-rank method."""
+        if not self.latencies_ns:
+            return math.nan
+        ordered = sorted(self.latencies_ns)
+        rank = max(0, math.ceil(fraction * len(ordered)) - 1)
+        return ordered[rank] / 1e6
+
+    @property
+    def p50(self) -> float:
+        return self.percentile(0.50)
+
+    @property
+    def p99(self) -> float:
+        return self.percentile(0.99)
+
+    def add(self, results: list[JobResult], cpu: dict[str, float]) -> None:
+        """Add one round: the results of every worker, and CPU % by process label."""
+        rate = sum(r.count / r.elapsed_s for r in results if r.elapsed_s > 0)
+        self.rounds_rps.append(rate)
+        for result in results:
+            self.latencies_ns.extend(result.latencies_ns)
+        for label, percent in cpu.items():
+            self.cpu.setdefault(label, []).append(percent)
+
+    def mean_cpu(self, label: str) -> float:
+        values = self.cpu.get(label, [])
+        return sum(values) / len(values) if values else math.nan
+
+    def cpu_per_request_us(self, label: str) -> float:
+        """Return the CPU time of process ``label`` per request, in microseconds."""
+        return self.mean_cpu(label) / 100 * 1e6 / self.rps
+
+
+def number(value: float, digits: int = 2) -> str:
+    return "-" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def render(header: list[str], lines: list[list[str]]) -> str:
+    """Render a Markdown table with padded columns; numeric columns align right."""
+    widths = [
+        max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))
+    ]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            cell.ljust(width) if i == 0 or i == len(cells) - 1 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([line(header), rule, *(line(cells) for cells in lines)])
+
+
+def _cpu_text(row: Row, server: str) -> str:
+    parts = [f"{label} {row.mean_cpu(label):.0f}%" for label in row.cpu]
+    text = ", ".join(parts)
+    if server in row.cpu and row.rps > 0:
+        text += f"; {server} {row.cpu_per_request_us(server):.0f} us/req"
+    return text
+
+
+def table(rows: dict[str, Row], facts: dict[str, Any], servers: dict[str, str]) -> str:
+    """Return the one table of the run: every row, the revocation and memory lines."""
+    floor = rows["floor"]
+    header = ["row", "req/s", "p50 ms", "p99 ms", "x floor", "CPU (100% = 1 core)"]
+    lines = []
+    for key, title in ROW_TITLES.items():
+        if key not in rows:
+            continue
+        row = rows[key]
+        ratio = row.rps / floor.rps if key in THROUGHPUT_ROWS else math.nan
+        title = title.format(
+            small=f"{facts['live_sessions']:,}", large=f"{facts['large_sessions']:,}"
+        )
+        if key == "cached":
+            title += f" ({facts['cache_wiring']})"
+        lines.append(
+            [
+                title,
+                number(row.rps, 0),
+                number(row.p50),
+                number(row.p99),
+                number(ratio),
+                _cpu_text(row, servers.get(key, "")),
+            ]
+        )
+    revocation = revocation_row(facts)
+    latencies = facts["revocation"]["latencies_ms"]
+    worst = max(latencies) if latencies else math.nan
+    lines.append(
+        [
+            "revocation: Logout returned -> first refusal",
+            "-",
+            number(revocation.p50),
+            number(revocation.p99),
+            "-",
+            f"max {number(worst)} ms over {facts['revocation']['trials']} trials",
+        ]
+    )
+    memory = facts["memory"]
+    lines.append(
+        [
+            "Redis memory per live session, index included",
+            "-",
+            "-",
+            "-",
+            "-",
+            f"{memory['delta_per_session']:.0f} B (used_memory delta over "
+            f"{memory['sessions']:,} sessions)",
+        ]
+    )
+    return render(header, lines)
+
+
+def revocation_row(facts: dict[str, Any]) -> Row:
+    latencies = facts["revocation"]["latencies_ms"]
+    return Row("revocation", latencies_ns=[int(value * 1e6) for value in latencies])
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target, its measured value, and whether the value meets it."""
+
+    name: str
+    value: float
+    limit: float
+    relation: str
+
+    @property
+    def met(self) -> bool:
+        if self.relation == ">=":
+            return self.value >= self.limit
+        if self.relation == "<=":
+            return self.value <= self.limit
+        return self.value < self.limit
+
+    def line(self) -> str:
+        verdict = "PASS" if self.met else "MISS"
+        goal = f"target {self.relation} {self.limit:g}"
+        return f"{verdict}  {self.name}: {self.value:.3g} ({goal})"
+
+
+def targets(rows: dict[str, Row], facts: dict[str, Any]) -> list[Target]:
+    """Return every target with its value from this run."""
+    floor = rows["floor"]
+    small, large = rows["validate_small"], rows["validate_large"]
+    idle, burst = rows["validate_idle"], rows["validate_burst"]
+    validate = rows["validate"]
+    memory = facts["memory"]["delta_per_session"]
+    return [
+        Target("ValidateSession req/s / floor req/s", validate.rps / floor.rps,
+               0.6, ">="),
+        Target("ValidateSession p99 / floor p99", validate.p99 / floor.p99, 2.0, "<="),
+        Target("local validator req/s / floor req/s", rows["local"].rps / floor.rps,
+               0.7, ">="),
+        Target("local + cache req/s / floor req/s", rows["cached"].rps / floor.rps,
+               0.9, ">="),
+        Target("revocation p99, ms", revocation_row(facts).p99, 50.0, "<"),
+        Target("Redis bytes per live session", memory, 300.0, "<="),
+        Target("ValidateSession p50, large / small population", large.p50 / small.p50,
+               1.1, "<="),
+        Target("ValidateSession p99, large / small population", large.p99 / small.p99,
+               1.1, "<="),
+        Target("ValidateSession p99, login burst / idle", burst.p99 / idle.p99,
+               2.0, "<="),
+    ]  # fmt: skip
+
+
+def details(facts: dict[str, Any]) -> list[str]:
+    """Return the lines that explain the memory and revocation rows."""
+    memory = facts["memory"]
+    revocation = facts["revocation"]
+    return [
+        f"MEMORY USAGE (SAMPLES 0), mean of 100 sessions: session hash "
+        f"{memory['session_key']:.0f} B, its index {memory['index_key']:.0f} B; "
+        f"a session key name is {memory['key_name_bytes']} B and its "
+        f"{memory['fields']} fields and values {memory['value_bytes']} B",
+        f"large population: {facts['large_keys']:,} keys, used_memory "
+        f"{facts['large_used_memory'] / 2**20:,.0f} MiB, loaded in "
+        f"{facts['populate_s']:.1f} s",
+        f"revocation: {revocation['accepted_after_refusal']} calls accepted after "
+        f"the first refusal; {revocation['stale_accepts']} accepted calls were sent "
+        f"after Logout returned",
+    ]
