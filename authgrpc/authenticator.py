@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from authgrpc import refresh
+from authgrpc.cache import ValidationCache
 from authgrpc.config import Settings
 from authgrpc.errors import InvalidArgument, Reason, Throttled, Unauthenticated
 from authgrpc.passwords import PasswordHasher, check_password_size, normalize_username
@@ -49,6 +50,7 @@ class Authenticator:
         issuer: TokenIssuer,
         verifier: TokenVerifier,
         hasher: PasswordHasher,
+        cache: ValidationCache | None = None,
     ):
         self.settings = settings
         self.store = store
@@ -56,7 +58,10 @@ class Authenticator:
         self.verifier = verifier
         self.hasher = hasher
         self.limits = settings.limits
-        self.validator = AsyncLocalValidator(verifier, store, self.limits)
+        self.validator = AsyncLocalValidator(verifier, store, self.limits, cache)
+        # Sessions this process ends leave its own cache at once; other
+        # processes learn of them from the store's session-end channel.
+        self.cache = cache
 
     async def login(
         self, username: str, password: str, *, peer: str, user_agent: str
@@ -104,6 +109,7 @@ class Authenticator:
         """
         claims = self.verifier.verify(token, verify_exp=False)
         ended = await self.store.end_session(claims.user_id, claims.session_id)
+        self._forget(claims.user_id, claims.session_id)
         log.info(
             "logout: user_id=%s session_id=%s was_live=%s",
             claims.user_id,
@@ -130,6 +136,7 @@ class Authenticator:
             self.limits,
         )
         if outcome is RefreshOutcome.REUSED:
+            self._forget(presented.user_id, presented.session_id)
             log.warning(
                 "refresh token reuse, session ended: user_id=%s session_id=%s",
                 presented.user_id,
@@ -163,6 +170,7 @@ class Authenticator:
         if not session_id or len(session_id) > 64:
             raise InvalidArgument("session_id", "session_id must be 1 to 64 characters")
         ended = await self.store.end_session(user_id, session_id)
+        self._forget(user_id, session_id)
         log.info(
             "session revoked: user_id=%s session_id=%s was_live=%s",
             user_id,
@@ -174,6 +182,8 @@ class Authenticator:
     async def logout_all(self, user_id: str, keep_session_id: str | None) -> int:
         """End every session of a user but ``keep_session_id``; return the count."""
         ended = await self.store.end_all_sessions(user_id, keep_session_id)
+        if self.cache is not None:
+            self.cache.forget_user(user_id)
         log.info(
             "logout all: user_id=%s ended=%d kept=%s",
             user_id,
@@ -181,6 +191,10 @@ class Authenticator:
             keep_session_id or "-",
         )
         return ended
+
+    def _forget(self, user_id: str, session_id: str) -> None:
+        if self.cache is not None:
+            self.cache.invalidate(user_id, session_id)
 
     async def _acquire_attempt(
         self, user_key: str, peer_key: str, name: str, peer: str

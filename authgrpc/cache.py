@@ -25,9 +25,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import redis
 
+from authgrpc.errors import ConfigurationError
 from authgrpc.store import SessionRecord, wall_clock_ms
 
 log = logging.getLogger("authgrpc.cache")
@@ -126,6 +128,13 @@ class ValidationCache:
                 ):
                     break
                 del self._tombstones[oldest_key]
+
+    def forget_user(self, user_id: str) -> None:
+        """Forget every cached session of a user and void validations in flight."""
+        with self._lock:
+            for key in [key for key in self._entries if key[0] == user_id]:
+                del self._entries[key]
+            self._epoch += 1
 
     def clear(self, *, enable: bool) -> None:
         """Drop every entry and turn the cache on or off."""
@@ -238,3 +247,34 @@ class InvalidationListener:
         user_id, _, session_id = text.partition(" ")
         if user_id and session_id:
             self.cache.invalidate(user_id, session_id)
+
+
+def subscriber_factory(url: str, timeout: float = 1.0) -> Callable[[], redis.Redis]:
+    """Return a function that opens a client for subscribing to the channel at ``url``.
+
+    Plain PUBLISH reaches every node of a Redis Cluster, so a cluster URL
+    subscribes on its first node; a Sentinel URL subscribes on the primary.
+    """
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss", "unix"):
+        return lambda: redis.Redis.from_url(url, **options)
+    if parts.scheme in ("redis+cluster", "rediss+cluster"):
+        first = parts.netloc.rsplit("@", 1)[-1].split(",")[0]
+        credentials = (
+            parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        )
+        scheme = parts.scheme.replace("+cluster", "")
+        node_url = f"{scheme}://{credentials}{first}"
+        return lambda: redis.Redis.from_url(node_url, **options)
+    if parts.scheme == "redis+sentinel":
+        from redis.sentinel import Sentinel
+
+        hosts = []
+        for item in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = item.rpartition(":")
+            hosts.append((host.strip("[]") or "127.0.0.1", int(port or 26379)))
+        service = parts.path.strip("/")
+        sentinel = Sentinel(hosts, sentinel_kwargs=options, **options)  # type: ignore[no-untyped-call]
+        return lambda: sentinel.master_for(service, password=parts.password)  # type: ignore[no-untyped-call]
+    raise ConfigurationError(f"unsupported Redis URL scheme {parts.scheme!r}")

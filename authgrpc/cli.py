@@ -226,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics-listen",
         "HOST:PORT for Prometheus metrics over HTTP (off when unset)",
     )
+    _option(
+        serve,
+        "validation-cache",
+        "on or off: keep validated sessions in memory; a session ended through "
+        "another replica may then be accepted for a few milliseconds more",
+        default="off",
+    )
     serve.add_argument(
         "--refuse-evicting-redis",
         action="store_true",
@@ -383,8 +390,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
         key_reload_interval=args.key_reload_interval,
         metrics_listen=args.metrics_listen,
         refuse_evicting_redis=args.refuse_evicting_redis,
+        validation_cache=_on_off("--validation-cache", args.validation_cache),
         dev=args.dev,
     )
+
+
+def _on_off(option: str, value: str) -> bool:
+    if value.lower() not in ("on", "off"):
+        raise ConfigurationError(f"{option} must be on or off, not {value!r}")
+    return value.lower() == "on"
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ class Settings:
     key_reload_interval: float = 60.0
     metrics_listen: str | None = None
     refuse_evicting_redis: bool = False
+    validation_cache: bool = False
     dev: bool = False
 
     def __post_init__(self) -> None:

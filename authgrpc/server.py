@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authgrpc.authenticator import Authenticator
+from authgrpc.cache import InvalidationListener, ValidationCache, subscriber_factory
 from authgrpc.config import Settings
 from authgrpc.errors import AuthError, ConfigurationError
 from authgrpc.interceptor import AsyncAuthInterceptor
@@ -31,7 +33,7 @@ from authgrpc.keys import (
 )
 from authgrpc.metrics import NullMetrics, PrometheusMetrics, count_live_sessions
 from authgrpc.passwords import PasswordHasher
-from authgrpc.redis_store import RedisStore
+from authgrpc.redis_store import RedisStore, guarded
 from authgrpc.service import PUBLIC_METHODS, SERVICE_NAME, AuthServicer
 from authgrpc.store import MemoryStore, SessionStore
 from authgrpc.tokens import TokenIssuer, TokenVerifier
@@ -71,25 +73,28 @@ def open_store(settings: Settings) -> SessionStore:
     )
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 async def check_eviction_policy(store: RedisStore, *, refuse: bool) -> None:
     """Warn, or with ``refuse`` raise, when Redis may evict sessions and counters."""
     try:
-        policy = (await store.client.config_get("maxmemory-policy")).get(
-            b"maxmemory-policy", b""
-        )
-    except Exception as error:
+        reply = await guarded(store.client.config_get("maxmemory-policy"))
+    except (AuthError, redis.exceptions.ResponseError) as error:
+        # Managed Redis services often disable CONFIG; the check is advisory then.
         log.warning(
             "cannot read Redis maxmemory-policy (%s); make sure it is noeviction",
             type(error).__name__,
         )
         return
-    name = policy.decode() if isinstance(policy, bytes) else str(policy)
+    policies = {_text(key): _text(value) for key, value in dict(reply).items()}
+    name = policies.get("maxmemory-policy", "")
     # Every session and counter key has a TTL, so volatile-* policies evict them too.
     if name and name != "noeviction":
         message = (
             f"Redis maxmemory-policy is {name}: under memory pressure Redis would "
-            "evict sessions and "
-            "failed-login counters; set it to noeviction"
+            "evict sessions and failed-login counters; set it to noeviction"
         )
         if refuse:
             raise ConfigurationError(message)
@@ -109,6 +114,7 @@ class AuthServer:
     keys: KeySet
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     metrics_http: Any = None
+    listener: InvalidationListener | None = None
     _serving: bool | None = None
 
     @property
@@ -187,6 +193,8 @@ class AuthServer:
         await self.server.stop(self.settings.grace_period if grace is None else grace)
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
+        if self.listener is not None:
+            await asyncio.to_thread(self.listener.stop)
         await self.store.close()
         self.authenticator.hasher.close()
         log.info("server stopped: address=%s", self.address)
@@ -225,7 +233,8 @@ async def start_server(
         leeway_seconds=settings.leeway,
     )
     hasher = hasher or PasswordHasher(workers=settings.hash_workers)
-    authenticator = Authenticator(settings, store, issuer, verifier, hasher)
+    cache, listener = _validation_cache(settings, store)
+    authenticator = Authenticator(settings, store, issuer, verifier, hasher, cache)
 
     public = (
         *PUBLIC_METHODS,
@@ -256,6 +265,7 @@ async def start_server(
     running = AuthServer(
         settings, server, port, store, authenticator, health_servicer, keys
     )
+    running.listener = listener
     if isinstance(metrics, PrometheusMetrics) and settings.metrics_listen:
         running.metrics_http = metrics.serve_http(settings.metrics_listen)
         if isinstance(store, RedisStore):
@@ -282,6 +292,25 @@ async def start_server(
         type(store).__name__,
     )
     return running
+
+
+def _validation_cache(
+    settings: Settings, store: SessionStore
+) -> tuple[ValidationCache | None, InvalidationListener | None]:
+    """Return the cache for the server's own validations, fed by every session end."""
+    if not settings.validation_cache:
+        return None, None
+    recheck = max(settings.touch_interval, 0.05)
+    cache = ValidationCache(recheck_after=recheck)
+    if isinstance(store, MemoryStore):
+        store.on_session_end = cache.invalidate
+        cache.clear(enable=True)
+        return cache, None
+    if isinstance(store, RedisStore) and settings.redis_url:
+        factory = subscriber_factory(settings.redis_url, settings.redis_timeout)
+        listener = InvalidationListener(factory, store.keys.channel, cache).start()
+        return cache, listener
+    return None, None
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:

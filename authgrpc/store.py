@@ -183,7 +183,7 @@ class SessionStore(Protocol):
     async def throttle_reset(self, key: str) -> None: ...
 
 
-SessionEndListener = Callable[[str, str | None], None]
+SessionEndListener = Callable[[str, str], None]
 
 
 @dataclass
@@ -207,8 +207,8 @@ class MemoryStore:
 
     Everything lives in this process and is lost when it exits. ``clock``
     returns the time in milliseconds, so tests can move it forward.
-    ``on_session_end`` is called with ``(user_id, session_id)``, or
-    ``(user_id, None)`` for all of a user's sessions, whenever sessions end.
+    ``on_session_end`` is called with ``(user_id, session_id)`` whenever a
+    session ends before its time.
     """
 
     def __init__(

@@ -15,10 +15,10 @@ Two kinds exist, each in a sync and an asyncio flavour:
   call ``AuthService/ValidateSession``.
 
 Every validator takes ``timeout``, the caller's remaining time in seconds, and
-gives up with StoreUnavailable once it has passed. These validators keep no
-cache, so every validation reaches the session store or the auth service. A
-session cache belongs in the local validators' ``_live_session``, the one
-method that reads the session.
+gives up with StoreUnavailable once it has passed. The local validators take
+``cache=True`` to keep recently validated sessions in memory; see
+:mod:`authgrpc.cache` for how the cache learns at once that a session has
+ended, and why it never answers from stale data when that channel is down.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import grpc
 import jwt
 
+from authgrpc.cache import InvalidationListener, ValidationCache, subscriber_factory
 from authgrpc.errors import (
     ERROR_DOMAIN,
     AuthError,
@@ -52,7 +53,7 @@ from authgrpc.keys import (
     load_verification_keys,
 )
 from authgrpc.principal import Principal
-from authgrpc.redis_store import RedisStore, SyncSessionChecker
+from authgrpc.redis_store import KeyLayout, RedisStore, SyncSessionChecker
 from authgrpc.store import SessionLimits, SessionRecord, SessionStore
 from authgrpc.tokens import Claims, KeyRefresher, TokenVerifier
 from authgrpc.v1 import auth_pb2, auth_pb2_grpc
@@ -244,6 +245,7 @@ class LocalValidator:
         jwks_fetcher: JwksFetcher | None = None,
         algorithm: str = DEFAULT_ALGORITHM,
         max_workers: int = 8,
+        cache: bool = False,
     ):
         self.verifier = _verifier(
             keys,
@@ -257,6 +259,7 @@ class LocalValidator:
             redis_url, prefix=prefix, timeout=redis_timeout
         )
         self.limits = session_limits(idle_timeout, touch_interval)
+        self.cache, self._listener = _start_cache(cache, redis_url, prefix, self.limits)
         # NOTE: an estimate. redis-py makes one retry after a short backoff, so
         # a dead Redis can hold a call for about two timeouts.
         self._longest_store_call = 2.25 * redis_timeout
@@ -289,15 +292,26 @@ class LocalValidator:
         return session
 
     def _check(self, claims: Claims) -> SessionRecord | None:
-        return self.checker.validate_session(
+        cache = self.cache
+        if cache is not None:
+            cached = cache.lookup(claims.user_id, claims.session_id)
+            if cached is not None:
+                return cached
+            epoch = cache.epoch()
+        session = self.checker.validate_session(
             claims.user_id, claims.session_id, self.limits
         )
+        if cache is not None and session is not None:
+            cache.store(session, epoch)
+        return session
 
     def close(self) -> None:
         """Stop the worker threads that wait on Redis for short deadlines."""
         # TODO: close the Redis connection pool too; SyncSessionChecker does not
         # keep its client, so its sockets close only when it is collected.
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._listener is not None:
+            self._listener.stop()
 
     def __enter__(self) -> LocalValidator:
         return self
@@ -310,12 +324,18 @@ class AsyncLocalValidator:
     """Validates tokens with the auth service's keys and direct access to its store."""
 
     def __init__(
-        self, verifier: TokenVerifier, store: SessionStore, limits: SessionLimits
+        self,
+        verifier: TokenVerifier,
+        store: SessionStore,
+        limits: SessionLimits,
+        cache: ValidationCache | None = None,
     ):
         self.verifier = verifier
         self.store = store
         self.limits = limits
+        self.cache = cache
         self._owns_store = False
+        self._listener: InvalidationListener | None = None
 
     @classmethod
     def from_url(
@@ -332,6 +352,7 @@ class AsyncLocalValidator:
         redis_timeout: float = 1.0,
         jwks_fetcher: JwksFetcher | None = None,
         algorithm: str = DEFAULT_ALGORITHM,
+        cache: bool = False,
     ) -> AsyncLocalValidator:
         """Build a validator on the Redis at ``redis_url``; :meth:`close` closes it.
 
@@ -351,8 +372,10 @@ class AsyncLocalValidator:
         )
         limits = session_limits(idle_timeout, touch_interval)
         store = RedisStore.from_url(redis_url, prefix=prefix, timeout=redis_timeout)
-        validator = cls(verifier, store, limits)
+        validation_cache, listener = _start_cache(cache, redis_url, prefix, limits)
+        validator = cls(verifier, store, limits, validation_cache)
         validator._owns_store = True
+        validator._listener = listener
         return validator
 
     async def validate(self, token: str, timeout: float | None = None) -> Validation:
@@ -369,6 +392,12 @@ class AsyncLocalValidator:
     ) -> SessionRecord:
         if timeout is not None and timeout <= 0:
             raise _deadline_passed()
+        cache = self.cache
+        if cache is not None:
+            cached = cache.lookup(claims.user_id, claims.session_id)
+            if cached is not None:
+                return cached
+            epoch = cache.epoch()
         check = self.store.validate_session(
             claims.user_id, claims.session_id, self.limits
         )
@@ -379,12 +408,29 @@ class AsyncLocalValidator:
             raise _store_timed_out(timeout) from None
         if session is None:
             raise _session_ended()
+        if cache is not None:
+            cache.store(session, epoch)
         return session
 
     async def close(self) -> None:
         """Close the store if :meth:`from_url` opened it, but not a store passed in."""
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.stop)
         if self._owns_store:
             await self.store.close()
+
+
+def _start_cache(
+    enabled: bool, redis_url: str, prefix: str, limits: SessionLimits
+) -> tuple[ValidationCache | None, InvalidationListener | None]:
+    """Return a cache fed by the Redis session-end channel, or (None, None)."""
+    if not enabled:
+        return None, None
+    recheck = max(limits.touch_interval_ms / 1000, 0.05)
+    cache = ValidationCache(recheck_after=recheck)
+    factory = subscriber_factory(redis_url)
+    listener = InvalidationListener(factory, KeyLayout(prefix).channel, cache).start()
+    return cache, listener
 
 
 def _channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:

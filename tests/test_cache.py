@@ -164,3 +164,64 @@ def test_frozen_channel_turns_cache_off(redis_process: Any) -> None:
     finally:
         redis_process.thaw()
         listener.stop()
+
+
+async def test_cached_validator_refuses_after_logout(redis_url: str, prefix: str) -> None:
+    from authgrpc.errors import Reason, Unauthenticated
+    from authgrpc.redis_store import RedisStore
+    from authgrpc.store import NewSession, SessionLimits
+    from authgrpc.tokens import TokenIssuer
+    from authgrpc.validators import AsyncLocalValidator
+    from tests.conftest import make_keys
+
+    keys = make_keys()
+    store = RedisStore.from_url(redis_url, prefix=prefix)
+    limits = SessionLimits(idle_ms=60_000, absolute_ms=120_000)
+    user = await store.create_user("alice", "hash", ())
+    session = await store.create_session(user, NewSession(b"r" * 16, b"k" * 16), limits)
+    issuer = TokenIssuer(keys, issuer="authgrpc", audience="authgrpc", lifetime_seconds=60)
+    token = issuer.issue(user.user_id, session.session_id).token
+    validator = AsyncLocalValidator.from_url(
+        keys,
+        issuer="authgrpc",
+        audience="authgrpc",
+        redis_url=redis_url,
+        prefix=prefix,
+        idle_timeout=60,
+        touch_interval=30,
+        cache=True,
+    )
+    try:
+        assert validator.cache is not None
+        assert await _wait_async(lambda: validator.cache is not None and validator.cache.enabled)
+        for _ in range(5):
+            await validator.validate(token)
+        hits_before_logout = validator.cache.hits
+
+        await store.end_session(user.user_id, session.session_id)
+        refused = await _wait_async(lambda: validator.cache is not None and len(validator.cache) == 0)
+
+        assert hits_before_logout == 4
+        assert refused
+        try:
+            await validator.validate(token)
+        except Unauthenticated as error:
+            assert error.reason is Reason.SESSION_ENDED
+        else:
+            raise AssertionError("a logged-out session was accepted")
+    finally:
+        await validator.close()
+        async for key in store.client.scan_iter(match=f"{prefix}:*"):
+            await store.client.delete(key)
+        await store.close()
+
+
+async def _wait_async(condition: Any, timeout: float = 5.0) -> bool:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return False

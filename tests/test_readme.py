@@ -20,11 +20,11 @@ PASSWORD = "correct-horse-battery"
 UNAUTHENTICATED_EXIT = 64 + 16  # grpcurl exits with 64 plus the gRPC status code
 
 
-def walkthrough_commands() -> list[str]:
-    """Return the lines of the shell block after the walkthrough marker in README.md."""
-    text = (ROOT / "README.md").read_text()
+def walkthrough_commands(readme: Path = ROOT / "README.md") -> list[str]:
+    """Return the lines of the shell block after the walkthrough marker in ``readme``."""
+    text = readme.read_text()
     match = re.search(r"<!-- walkthrough -->\n```sh\n(.*?)```", text, re.DOTALL)
-    assert match is not None, "README.md has no walkthrough block"
+    assert match is not None, f"{readme} has no walkthrough block"
     return [line for line in match.group(1).splitlines() if line.strip()]
 
 
@@ -84,3 +84,46 @@ def test_walkthrough_runs_as_printed(dev_server: subprocess.Popen[str]) -> None:
     assert '"username": "demo"' in result.stdout
     assert "SESSION_ENDED" in result.stderr
     assert '"status": "SERVING"' in result.stdout
+
+
+GREETER = ("127.0.0.1", 50061)
+
+
+@pytest.fixture
+def greeter(dev_server: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    command = [
+        sys.executable,
+        "-m",
+        "authgrpc.example",
+        "--listen",
+        f"{GREETER[0]}:{GREETER[1]}",
+        "--auth-target",
+        f"{ADDRESS[0]}:{ADDRESS[1]}",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    wait_for_port(GREETER, process)
+    yield process
+    process.terminate()
+    process.wait(15)
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="the walkthrough needs jq")
+def test_grpcurl_client_runs_as_printed(greeter: subprocess.Popen[str]) -> None:
+    commands = walkthrough_commands(ROOT / "clients" / "grpcurl" / "README.md")
+    script = "\n".join(f'{line}\necho "__exit=$?"' for line in commands)
+
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+    exits = [
+        int(code) for code in re.findall(r"^__exit=(\d+)$", result.stdout, re.MULTILINE)
+    ]
+    expected = [0, 0, 0, 0, UNAUTHENTICATED_EXIT, 0, UNAUTHENTICATED_EXIT]
+    assert exits == expected, result.stdout + result.stderr
+    assert "demo" in result.stdout
+    assert result.stdout.count('"greeting"') == 4
+    assert "Message: authorization metadata is missing" in result.stderr
+    assert "Message: session has ended" in result.stderr

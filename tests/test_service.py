@@ -60,16 +60,29 @@ def base_settings(**overrides: Any) -> Settings:
     return Settings(listen="127.0.0.1:0", dev=True, grace_period=1, **overrides)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "memory-cached", "redis-cached"])
 async def harness(
     request: pytest.FixtureRequest, redis_url: str, prefix: str, keys: KeySet
 ) -> AsyncIterator[Harness]:
-    store: SessionStore = (
-        MemoryStore()
-        if request.param == "memory"
-        else RedisStore.from_url(redis_url, prefix=prefix)
-    )
-    running = await start(base_settings(), store, keys)
+    kind = str(request.param)
+    cached = kind.endswith("-cached")
+    if kind.startswith("memory"):
+        store: SessionStore = MemoryStore()
+        settings = base_settings(validation_cache=cached)
+    else:
+        store = RedisStore.from_url(redis_url, prefix=prefix)
+        settings = base_settings(
+            validation_cache=cached, redis_url=redis_url, redis_prefix=prefix
+        )
+    running = await start(settings, store, keys)
+    if cached:
+        cache = running.server.authenticator.cache
+        assert cache is not None
+        for _ in range(500):
+            if cache.enabled:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.enabled
     yield running
     await running.channel.close()
     await running.server.stop(0)

@@ -172,18 +172,18 @@ async def test_validation_extends_idle_timeout(subject: StoreUnderTest) -> None:
 
 
 async def test_absolute_timeout_is_not_extended(subject: StoreUnderTest) -> None:
-    limits = SessionLimits(idle_ms=400, absolute_ms=700)
+    limits = SessionLimits(idle_ms=600, absolute_ms=1500)
     user = await subject.store.create_user("alice", "hash", ())
     session = await subject.store.create_session(user, new_session(), limits)
 
     for _ in range(3):
-        await subject.advance(200)
+        await subject.advance(400)
         validated = await subject.store.validate_session(
             user.user_id, session.session_id, limits
         )
         assert validated is not None
         assert validated.idle_expiry_ms <= session.absolute_expiry_ms
-    await subject.advance(250)
+    await subject.advance(450)
 
     assert (
         await subject.store.validate_session(user.user_id, session.session_id, limits)
