@@ -57,7 +57,10 @@ from authgrpc.store import (
 
 T = TypeVar("T")
 
-_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+_NOW = (
+    "local t = redis.call('TIME') "
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+)
 
 CREATE_SESSION = (
     _NOW
@@ -87,8 +90,8 @@ if max > 0 then
 end
 local absolute = now + tonumber(ARGV[3])
 local idle = math.min(tonumber(ARGV[2]), tonumber(ARGV[3]))
-redis.call('HSET', KEYS[3], 'c', now, 'a', absolute, 'l', now, 'k', ARGV[5], 'r', ARGV[6],
-  'i', ARGV[7], 'ua', ARGV[8])
+redis.call('HSET', KEYS[3], 'c', now, 'a', absolute, 'l', now,
+  'k', ARGV[5], 'r', ARGV[6], 'i', ARGV[7], 'ua', ARGV[8])
 redis.call('PEXPIRE', KEYS[3], idle)
 redis.call('ZADD', KEYS[2], absolute, ARGV[11])
 local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
@@ -217,7 +220,8 @@ THROTTLE_ACQUIRE = (
     + """
 local h = redis.call('HMGET', KEYS[1], 'n', 'w', 'lu', 'lv', 'le')
 local count, window_end = tonumber(h[1] or '0'), tonumber(h[2] or '0')
-local locked_until, level, level_end = tonumber(h[3] or '0'), tonumber(h[4] or '0'), tonumber(h[5] or '0')
+local locked_until = tonumber(h[3] or '0')
+local level, level_end = tonumber(h[4] or '0'), tonumber(h[5] or '0')
 if locked_until > now then return locked_until - now end
 if window_end <= now then
   count = 0
@@ -234,14 +238,17 @@ if count >= tonumber(ARGV[1]) then
 else
   count = count + 1
 end
-redis.call('HSET', KEYS[1], 'n', count, 'w', window_end, 'lu', locked_until, 'lv', level, 'le', level_end)
+redis.call('HSET', KEYS[1], 'n', count, 'w', window_end, 'lu', locked_until,
+  'lv', level, 'le', level_end)
 redis.call('PEXPIRE', KEYS[1], math.max(window_end, locked_until, level_end) - now)
 return wait
 """
 )
 
 THROTTLE_RELEASE = """
-if tonumber(redis.call('HGET', KEYS[1], 'n') or '0') > 0 then redis.call('HINCRBY', KEYS[1], 'n', -1) end
+if tonumber(redis.call('HGET', KEYS[1], 'n') or '0') > 0 then
+  redis.call('HINCRBY', KEYS[1], 'n', -1)
+end
 return 0
 """
 
@@ -261,17 +268,27 @@ _UNAVAILABLE_ERRORS = (
     TimeoutError,
 )
 
+# Everything a client call can raise. _unavailable picks out the store failures.
+_CLIENT_ERRORS = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+    TimeoutError,
+)
+
 
 class _ClusterClient(RedisCluster):
     """``redis.asyncio.cluster.RedisCluster`` that works under concurrent first use.
 
-    redis-py 8.1 decides how to route a command before it initializes the
-    client, and with no slot map yet it sends keyed commands to a random
-    node. The MOVED replies that follow make it close every node's
+    redis-py 8.1 picks a command's route before it initializes the client,
+    and with no slot map yet it sends keyed commands to a node that may not
+    own the slot. Every fifth MOVED reply then makes it close all
     connections, including those that other tasks are using, so a burst of
     concurrent calls on a new client (or after a CLUSTERDOWN reset) fails.
-    Loading the slot map first avoids that. Failing to load it means no node
-    answered, so it is raised as a ConnectionError, not RedisClusterException.
+    Loading the slot map before each command avoids that, and costs nothing
+    once it is loaded. When loading fails (no node reachable, or slots not
+    covered) this raises ConnectionError, because RedisClusterException is
+    not a RedisError and would escape as a programming error.
     """
 
     async def initialize(self, *args: Any, **kwargs: Any) -> _ClusterClient:
@@ -287,7 +304,10 @@ class _ClusterClient(RedisCluster):
 
 
 class KeyLayout:
-    """Builds every Redis key name from the prefix, so that the layout lives in one place."""
+    """Builder of every Redis key name from the prefix.
+
+    The key layout lives in this one place.
+    """
 
     def __init__(self, prefix: str = "authgrpc"):
         if not prefix or "{" in prefix or "}" in prefix:
@@ -369,22 +389,30 @@ def connect(url: str, *, timeout: float = 1.0, decode: bool = False) -> Any:
     )
 
 
+def _unavailable(exc: Exception) -> StoreUnavailable | None:
+    """Return the StoreUnavailable that ``exc`` means, or None for any other error."""
+    if isinstance(exc, _UNAVAILABLE_ERRORS):
+        return StoreUnavailable(f"session store is unavailable: {type(exc).__name__}")
+    if isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(
+        ("LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY")
+    ):
+        return StoreUnavailable(f"session store is unavailable: {str(exc).split()[0]}")
+    return None
+
+
 async def guarded(operation: Awaitable[T]) -> T:
-    """Await a Redis operation, turning connection failures and timeouts into StoreUnavailable."""
+    """Await a Redis operation, raising StoreUnavailable for failures of the store.
+
+    Those are connection failures, timeouts, and the replies that a primary
+    being down or a failover in progress produce.
+    """
     try:
         return await operation
-    except _UNAVAILABLE_ERRORS as exc:
-        raise StoreUnavailable(
-            f"session store is unavailable: {type(exc).__name__}"
-        ) from exc
-    except redis.exceptions.ResponseError as exc:
-        if str(exc).startswith(
-            ("LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY")
-        ):
-            raise StoreUnavailable(
-                f"session store is unavailable: {str(exc).split()[0]}"
-            ) from exc
-        raise
+    except _CLIENT_ERRORS as exc:
+        unavailable = _unavailable(exc)
+        if unavailable is None:
+            raise
+        raise unavailable from exc
 
 
 def _text(value: Any) -> str:
@@ -397,7 +425,10 @@ def _roles(value: Any) -> tuple[str, ...]:
 
 
 class RedisStore:
-    """A :class:`~authgrpc.store.SessionStore` on Redis, Redis Sentinel or Redis Cluster."""
+    """A :class:`~authgrpc.store.SessionStore` on Redis, Sentinel or Redis Cluster.
+
+    ``client`` is what :func:`connect` returns.
+    """
 
     def __init__(self, client: Any, layout: KeyLayout | None = None):
         self.client = client
@@ -702,11 +733,19 @@ def _validated(user_id: str, session_id: str, result: Any) -> SessionRecord | No
 
 
 class SyncSessionChecker:
-    """Checks and extends sessions from synchronous code, with the same script as RedisStore."""
+    """Validator that checks and extends sessions from synchronous code.
+
+    It runs the same script as RedisStore.
+    """
 
     def __init__(self, client: redis.Redis, layout: KeyLayout | None = None):
+        self.client = client
         self.keys = layout or KeyLayout()
         self._validate = client.register_script(VALIDATE_SESSION)
+
+    def close(self) -> None:
+        """Close the connections to Redis."""
+        self.client.close()
 
     @classmethod
     def from_url(
@@ -724,7 +763,8 @@ class SyncSessionChecker:
             )
         elif url.startswith("redis+sentinel://"):
             raise ConfigurationError(
-                "the synchronous validator does not support Sentinel URLs; use the async one"
+                "the synchronous validator does not support Sentinel URLs; "
+                "use the async one"
             )
         else:
             client = redis.Redis.from_url(url, **options)
@@ -739,8 +779,9 @@ class SyncSessionChecker:
             result = self._validate(
                 keys=keys, args=[limits.idle_ms, limits.touch_interval_ms]
             )
-        except _UNAVAILABLE_ERRORS as exc:
-            raise StoreUnavailable(
-                f"session store is unavailable: {type(exc).__name__}"
-            ) from exc
+        except _CLIENT_ERRORS as exc:
+            unavailable = _unavailable(exc)
+            if unavailable is None:
+                raise
+            raise unavailable from exc
         return _validated(user_id, session_id, result)
