@@ -166,7 +166,9 @@ def test_frozen_channel_turns_cache_off(redis_process: Any) -> None:
         listener.stop()
 
 
-async def test_cached_validator_refuses_after_logout(redis_url: str, prefix: str) -> None:
+async def test_cached_validator_refuses_after_logout(
+    redis_url: str, prefix: str
+) -> None:
     from authgrpc.errors import Reason, Unauthenticated
     from authgrpc.redis_store import RedisStore
     from authgrpc.store import NewSession, SessionLimits
@@ -179,7 +181,9 @@ async def test_cached_validator_refuses_after_logout(redis_url: str, prefix: str
     limits = SessionLimits(idle_ms=60_000, absolute_ms=120_000)
     user = await store.create_user("alice", "hash", ())
     session = await store.create_session(user, NewSession(b"r" * 16, b"k" * 16), limits)
-    issuer = TokenIssuer(keys, issuer="authgrpc", audience="authgrpc", lifetime_seconds=60)
+    issuer = TokenIssuer(
+        keys, issuer="authgrpc", audience="authgrpc", lifetime_seconds=60
+    )
     token = issuer.issue(user.user_id, session.session_id).token
     validator = AsyncLocalValidator.from_url(
         keys,
@@ -193,13 +197,17 @@ async def test_cached_validator_refuses_after_logout(redis_url: str, prefix: str
     )
     try:
         assert validator.cache is not None
-        assert await _wait_async(lambda: validator.cache is not None and validator.cache.enabled)
+        assert await _wait_async(
+            lambda: validator.cache is not None and validator.cache.enabled
+        )
         for _ in range(5):
             await validator.validate(token)
         hits_before_logout = validator.cache.hits
 
         await store.end_session(user.user_id, session.session_id)
-        refused = await _wait_async(lambda: validator.cache is not None and len(validator.cache) == 0)
+        refused = await _wait_async(
+            lambda: validator.cache is not None and len(validator.cache) == 0
+        )
 
         assert hits_before_logout == 4
         assert refused
