@@ -26,7 +26,7 @@ _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
 
 
 class NoPrincipalError(LookupError):
-    """current_principal() was called outside a call that an auth interceptor admitted."""
+    """current_principal() was called outside a call admitted by an interceptor."""
 
 
 def current_principal() -> Principal:
@@ -38,7 +38,8 @@ def current_principal() -> Principal:
     principal = _current.get()
     if principal is None:
         raise NoPrincipalError(
-            "no authenticated principal: current_principal() works only inside a handler "
+            "no authenticated principal: current_principal() works only inside "
+            "a handler "
             "of a method that an AuthInterceptor or AsyncAuthInterceptor protects"
         )
     return principal

@@ -306,10 +306,9 @@ class LocalValidator:
         return session
 
     def close(self) -> None:
-        """Stop the worker threads that wait on Redis for short deadlines."""
-        # TODO: close the Redis connection pool too; SyncSessionChecker does not
-        # keep its client, so its sockets close only when it is collected.
+        """Stop the worker threads and cache listener, and close the Redis client."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.checker.close()
         if self._listener is not None:
             self._listener.stop()
 

@@ -21,7 +21,7 @@ UNAUTHENTICATED_EXIT = 64 + 16  # grpcurl exits with 64 plus the gRPC status cod
 
 
 def walkthrough_commands(readme: Path = ROOT / "README.md") -> list[str]:
-    """Return the lines of the shell block after the walkthrough marker in ``readme``."""
+    """Return the lines of the shell block after the walkthrough mark in ``readme``."""
     text = readme.read_text()
     match = re.search(r"<!-- walkthrough -->\n```sh\n(.*?)```", text, re.DOTALL)
     assert match is not None, f"{readme} has no walkthrough block"
