@@ -1,6 +1,6 @@
 """The auth service's policy: logging in, refreshing, validating and ending sessions.
 
-It knows nothing of gRPC: the servicer in :mod:`authgrpc.service` passes it
+It does not use gRPC: the servicer in :mod:`authgrpc.service` passes it
 plain values and maps its exceptions to statuses.
 """
 
@@ -245,7 +245,8 @@ class Authenticator:
             session = await self.store.create_session(user, new, self.limits)
         except UserChanged:
             log.info(
-                "login refused, user changed during login: user_id=%s", user.user_id
+                "login rejected, the user changed during the login: user_id=%s",
+                user.user_id,
             )
             raise Unauthenticated(
                 Reason.INVALID_CREDENTIALS, _BAD_CREDENTIALS

@@ -218,7 +218,7 @@ class InvalidationListener:
                     last_ping = now
                 if now - last_pong > self.ping_timeout:
                     raise redis.exceptions.TimeoutError(
-                        "invalidation channel did not answer a ping"
+                        "invalidation channel did not respond to a ping"
                     )
                 message = pubsub.get_message(timeout=min(self.ping_interval, 0.2))
                 if message is None:
