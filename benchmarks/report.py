@@ -115,7 +115,15 @@ def _cpu_text(row: Row, server: str) -> str:
 def table(rows: dict[str, Row], facts: dict[str, Any], servers: dict[str, str]) -> str:
     """Return the one table of the run: every row, the revocation and memory lines."""
     floor = rows["floor"]
-    header = ["row", "req/s", "p50 ms", "p99 ms", "x floor", "CPU (100% = 1 core)"]
+    header = [
+        "row",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "x floor",
+        "req/s by round",
+        "CPU (100% = 1 core)",
+    ]
     lines = []
     for key, title in ROW_TITLES.items():
         if key not in rows:
@@ -134,6 +142,7 @@ def table(rows: dict[str, Row], facts: dict[str, Any], servers: dict[str, str]) 
                 number(row.p50),
                 number(row.p99),
                 number(ratio),
+                " ".join(f"{rate:.0f}" for rate in row.rounds_rps),
                 _cpu_text(row, servers.get(key, "")),
             ]
         )
@@ -147,6 +156,7 @@ def table(rows: dict[str, Row], facts: dict[str, Any], servers: dict[str, str]) 
             number(revocation.p50),
             number(revocation.p99),
             "-",
+            "-",
             f"max {number(worst)} ms over {facts['revocation']['trials']} trials",
         ]
     )
@@ -154,6 +164,7 @@ def table(rows: dict[str, Row], facts: dict[str, Any], servers: dict[str, str]) 
     lines.append(
         [
             "Redis memory per live session, index included",
+            "-",
             "-",
             "-",
             "-",

@@ -74,7 +74,7 @@ class Mode:
 
 
 MODES = {
-    "full": Mode("full", 2, 1.0, 5.0, 32, 2, 0, 10_000, 1_000_000, 64, 1000, 400.0,
+    "full": Mode("full", 3, 1.0, 4.0, 32, 2, 0, 10_000, 1_000_000, 64, 1000, 400.0,
                  4, 200),
     "quick": Mode("quick", 1, 0.5, 2.5, 32, 2, 0, 10_000, 100_000, 64, 500, 400.0,
                   4, 50),
@@ -100,6 +100,13 @@ def cpu_seconds(pid: int) -> float:
     """Return the user plus system CPU time of every thread of ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+
+def machine_busy_seconds() -> float:
+    """Return the CPU time that every core of the machine spent busy since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / CLOCK_TICK
 
 
 def sleep_until(deadline_ns: int) -> None:
@@ -182,6 +189,12 @@ class Bench:
                 child.process.join(5)
         self.redis_main.stop()
         self.redis_large.stop()
+
+    def pids(self) -> list[int]:
+        """Return the process ids of this run: itself, its servers, Redis and load."""
+        children = [*self.servers.values(), *self.workers]
+        redis_pids = [self.redis_main.pid, self.redis_large.pid]
+        return [os.getpid(), *redis_pids, *(child.pid for child in children)]
 
     def target(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
@@ -362,6 +375,8 @@ class Bench:
         loaded = sorted({worker.pid for _, worker in sent})
         cpu_before = {name: cpu_seconds(pid) for name, pid in watch.items()}
         load_before = sum(cpu_seconds(pid) for pid in loaded)
+        ours_before = sum(cpu_seconds(pid) for pid in self.pids())
+        machine_before = machine_busy_seconds()
         wall_before = time.monotonic()
         pending = [worker.conn for _, worker in sent]
         while pending and time.monotonic_ns() < window_end:
@@ -375,6 +390,10 @@ class Bench:
         }
         load_cpu = sum(cpu_seconds(pid) for pid in loaded) - load_before
         cpu["load"] = 100 * load_cpu / wall
+        # CPU that processes outside this benchmark took from the same cores.
+        ours = sum(cpu_seconds(pid) for pid in self.pids()) - ours_before
+        outside = machine_busy_seconds() - machine_before - ours
+        cpu["other"] = max(0.0, 100 * outside / wall)
         results: dict[str, list[JobResult]] = {label: [] for label in plan}
         for label, worker in sent:
             kind, result = worker.conn.recv()
@@ -677,6 +696,13 @@ def print_report(bench: Bench) -> None:
         f"{mode.paced_rate:.0f} req/s; serial rows send one call at a time"
     )
     print(report.table(bench.rows, facts, SERVER_OF_ROW))
+    outside = [row.mean_cpu("other") for row in bench.rows.values()]
+    busiest = max(outside)
+    if busiest > 20:
+        print(
+            f"WARNING: processes outside this benchmark used up to {busiest:.0f}% "
+            f"CPU during a measured window, so the ratios are less reliable"
+        )
     print()
     for line in report.details(facts):
         print(line)

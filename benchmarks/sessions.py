@@ -11,14 +11,18 @@ them when the layout changes.
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -166,26 +170,45 @@ def populate(
     """Write ``count`` users with one live session each; return the sessions."""
     script = client.register_script(POPULATE)
     refs: list[SessionRef] = []
-    for start in range(0, count, BATCH):
-        args: list[str | bytes | int] = [
-            prefix,
-            password_hash,
-            limits.idle_ms,
-            limits.absolute_ms,
-            peer,
-            user_agent,
-        ]
-        for _ in range(min(BATCH, count - start)):
-            ref = SessionRef(new_id(), new_id())
-            refs.append(ref)
-            args += [
-                ref.user_id,
-                ref.session_id,
-                refresh.new_rotation_key(),
-                refresh.RefreshToken(ref.user_id, "", refresh.new_secret()).stored_hash,
+    # Redis runs one batch while this thread builds the next.
+    with ThreadPoolExecutor(max_workers=1) as sender:
+        pending: Future[Any] | None = None
+        for start in range(0, count, BATCH):
+            size = min(BATCH, count - start)
+            args: list[str | bytes | int] = [
+                prefix,
+                password_hash,
+                limits.idle_ms,
+                limits.absolute_ms,
+                peer,
+                user_agent,
             ]
-        script(args=args)
+            # Ids are 16 random bytes in base64url, as new_id() makes them.
+            # The rotation key and the refresh hash are 16 random bytes each,
+            # the sizes that refresh.new_rotation_key() and stored_hash have.
+            blob = os.urandom(64 * size)
+            for offset in range(0, 64 * size, 64):
+                ref = SessionRef(
+                    _base64url(blob[offset : offset + 16]),
+                    _base64url(blob[offset + 16 : offset + 32]),
+                )
+                refs.append(ref)
+                args += [
+                    ref.user_id,
+                    ref.session_id,
+                    blob[offset + 32 : offset + 48],
+                    blob[offset + 48 : offset + 64],
+                ]
+            if pending is not None:
+                pending.result()
+            pending = sender.submit(script, args=args)
+        if pending is not None:
+            pending.result()
     return refs
+
+
+def _base64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 async def create_sessions(
