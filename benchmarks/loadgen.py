@@ -1,7 +1,7 @@
 """The load generator: worker processes that drive grpc.aio calls and time them.
 
 Each worker runs one event loop and takes commands on a pipe: ``("job",
-Job)`` runs a bounded load phase and answers with a :class:`JobResult`,
+Job)`` runs a bounded load phase and sends back a :class:`JobResult`,
 ``("poll", PollJob)`` runs one revocation trial (see :func:`_poll`), and
 ``("stop",)`` ends the process. Requests and responses are raw bytes, so the
 client spends no time on protobuf. Times are ``time.monotonic_ns()``, which
@@ -55,7 +55,7 @@ class Job:
 
 @dataclass
 class JobResult:
-    """What one worker measured in its window."""
+    """The counts and latencies that one worker measured in its window."""
 
     count: int = 0
     elapsed_s: float = 0.0
