@@ -8,6 +8,7 @@ from pathlib import Path
 
 from authgrpc.errors import ConfigurationError
 from authgrpc.keys import ALGORITHMS, DEFAULT_ALGORITHM
+from authgrpc.passwords import default_hash_workers
 from authgrpc.store import SessionLimits, ThrottlePolicy
 
 
@@ -38,7 +39,7 @@ class Settings:
     grace_period: float = 10.0
     max_message_bytes: int = 64 * 1024
     max_metadata_bytes: int = 16 * 1024
-    hash_workers: int = 2
+    hash_workers: int = field(default_factory=default_hash_workers)
     key_reload_interval: float = 60.0
     metrics_listen: str | None = None
     refuse_evicting_redis: bool = False

@@ -1,14 +1,17 @@
 """Usernames and passwords: normalization, size checks, and argon2id hashing.
 
 Sizes are checked in bytes before any normalization or hashing, so an
-oversized input costs nothing. Hashing runs in a bounded thread pool:
-argon2-cffi releases the GIL while it hashes, so validations keep running
-on the other threads and on the event loop.
+oversized input costs nothing. Hashing runs in a bounded pool of threads at the lowest CPU
+priority, one per core but one: argon2-cffi releases the GIL while it
+hashes, so validations keep running on the event loop meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import threading
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 
@@ -64,6 +67,23 @@ def check_new_password(password: str, field: str = "password") -> None:
         )
 
 
+def default_hash_workers() -> int:
+    """Return one hashing thread per core but one, so validations keep a core."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def _lower_thread_priority() -> None:
+    """Run the calling hashing thread at the lowest CPU priority (nice 19).
+
+    A hash keeps a core busy for about a fifth of a second with the GIL
+    released, so at normal priority a burst of logins starves the event loop
+    that serves validations. On Linux, nice applies to the calling thread.
+    """
+    # Off Linux, or where it is not permitted, hashing runs at normal priority.
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 class PasswordHasher:
     """argon2id hashing with a bounded pool of worker threads.
 
@@ -73,10 +93,14 @@ class PasswordHasher:
     so that unknown users and wrong passwords take the same time.
     """
 
-    def __init__(self, hasher: argon2.PasswordHasher | None = None, workers: int = 2):
+    def __init__(
+        self, hasher: argon2.PasswordHasher | None = None, workers: int | None = None
+    ):
         self._hasher = hasher or argon2.PasswordHasher()
         self._pool = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="argon2"
+            max_workers=workers or default_hash_workers(),
+            thread_name_prefix="argon2",
+            initializer=_lower_thread_priority,
         )
         self._dummy_hash = self._hasher.hash("dummy password for timing equalization")
 
