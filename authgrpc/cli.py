@@ -209,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(
         serve,
+        "workers",
+        "server processes sharing the port (above 1 needs --redis-url)",
+        kind=int,
+        default=1,
+    )
+    _option(
+        serve,
         "grace-period",
         "seconds to finish in-flight calls on shutdown",
         kind=float,
@@ -405,6 +412,12 @@ def _serve(args: argparse.Namespace) -> int:
     from authgrpc.server import AuthServer, serve
 
     settings = settings_from(args)
+    if args.workers < 1:
+        raise ConfigurationError(f"--workers must be at least 1, not {args.workers}")
+    if args.workers > 1:
+        from authgrpc.workers import Supervisor
+
+        return Supervisor(settings, args.workers, args.log_level.upper()).run()
 
     async def on_started(running: AuthServer) -> None:
         if settings.dev:

@@ -1,9 +1,9 @@
 """Usernames and passwords: normalization, size checks, and argon2id hashing.
 
 Sizes are checked in bytes before any normalization or hashing, so an
-oversized input costs nothing. Hashing runs in a bounded pool of threads at the lowest CPU
-priority, one per core but one: argon2-cffi releases the GIL while it
-hashes, so validations keep running on the event loop meanwhile.
+oversized input costs nothing. Hashing runs in a bounded pool of threads
+at the lowest CPU priority, one per core but one. argon2-cffi releases the
+GIL while it hashes, so validations keep running on the event loop.
 """
 
 from __future__ import annotations
