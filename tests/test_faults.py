@@ -509,8 +509,8 @@ async def test_sigterm_drains_in_flight(
     reader = asyncio.create_task(read_watch())
     while not statuses:
         await asyncio.sleep(0.01)
-    # A Login costs 0.1 to 0.3 s of argon2 on one of the server's two hashing
-    # threads (measured on two cores), so eight of them take over a second.
+    # A Login costs 0.1 to 0.3 s of argon2 (measured on two cores), and the
+    # server hashes on one thread per core but one, so eight take over a second.
     # SIGTERM comes only after 0.5 s, because a call that the server has
     # received but not yet dispatched to a handler is CANCELLED by gRPC on
     # shutdown.
