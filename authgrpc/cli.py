@@ -23,8 +23,10 @@ from typing import Any
 from authgrpc.config import Settings
 from authgrpc.errors import AuthError, ConfigurationError, InvalidArgument
 from authgrpc.keys import (
+    ACTIVE_FILE,
     ALGORITHMS,
     DEFAULT_ALGORITHM,
+    activate_key,
     generate_key_file,
     load_signing_keys,
     retire_key,
@@ -309,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate = keys.add_parser("rotate", help="add a new active key to a key directory")
     rotate.add_argument("--dir", type=Path, required=True, help="the key directory")
+    rotate.add_argument(
+        "--inactive",
+        action="store_true",
+        help="add the key for verification only; `keys activate` makes it sign later",
+    )
+    activate = keys.add_parser("activate", help="make a key of a key directory sign")
+    activate.add_argument("--dir", type=Path, required=True, help="the key directory")
+    activate.add_argument(
+        "kid",
+        help="the kid to activate; put -- before it, since a kid may start with -",
+    )
     retire = keys.add_parser(
         "retire", help="delete a key that no longer signs from a key directory"
     )
@@ -331,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="signing algorithm",
         )
     retire.set_defaults(algorithm=DEFAULT_ALGORITHM)
+    activate.set_defaults(algorithm=DEFAULT_ALGORITHM)
     return parser
 
 
@@ -468,11 +482,13 @@ def _keys(args: argparse.Namespace) -> int:
         kid = generate_key_file(args.out, args.algorithm)
         print(f"wrote {args.algorithm} key {kid} to {args.out}")
     elif args.action == "rotate":
-        kid = rotate_key_directory(args.dir, args.algorithm)
-        print(
-            f"added {args.algorithm} key {kid} to {args.dir}; "
-            "it signs new tokens from now on"
-        )
+        kid = rotate_key_directory(args.dir, args.algorithm, activate=not args.inactive)
+        active = (args.dir / ACTIVE_FILE).read_text().strip() == kid
+        effect = "it signs new tokens from now on" if active else "it verifies only"
+        print(f"added {args.algorithm} key {kid} to {args.dir}; {effect}")
+    elif args.action == "activate":
+        activate_key(args.dir, args.kid)
+        print(f"key {args.kid} of {args.dir} signs new tokens from now on")
     elif args.action == "retire":
         path = retire_key(args.dir, args.kid)
         print(f"deleted {path}; tokens signed by {args.kid} no longer verify")

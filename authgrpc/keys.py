@@ -169,8 +169,16 @@ def generate_key_file(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> str:
     return key_id(key, algorithm)
 
 
-def rotate_key_directory(directory: Path, algorithm: str = DEFAULT_ALGORITHM) -> str:
-    """Add a new key to a key directory, make it the active one, and return its kid."""
+def rotate_key_directory(
+    directory: Path, algorithm: str = DEFAULT_ALGORITHM, *, activate: bool = True
+) -> str:
+    """Add a new key to a key directory and return its kid.
+
+    With ``activate`` the key signs new tokens at once. Without it the key
+    only verifies until :func:`activate_key` makes it active, so that every
+    replica can load it before any token it signed reaches them. The first
+    key of a directory is always made active.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     key = generate_private_key(algorithm)
     kid = key_id(key, algorithm)
@@ -179,8 +187,16 @@ def rotate_key_directory(directory: Path, algorithm: str = DEFAULT_ALGORITHM) ->
     if key_path.exists():
         raise ConfigurationError(f"{key_path} already exists")
     write_private_file(key_path, key_file_bytes(key))
-    write_private_file(directory / ACTIVE_FILE, f"{kid}\n".encode())
+    if activate or not (directory / ACTIVE_FILE).exists():
+        write_private_file(directory / ACTIVE_FILE, f"{kid}\n".encode())
     return kid
+
+
+def activate_key(directory: Path, kid: str) -> None:
+    """Make an existing key of a key directory the one that signs new tokens."""
+    if kid not in _key_files(directory):
+        raise ConfigurationError(f"no key with kid {kid!r} in {directory}")
+    write_private_file(directory / ACTIVE_FILE, f"{kid}\n".encode())
 
 
 def retire_key(directory: Path, kid: str) -> Path:

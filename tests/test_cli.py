@@ -307,3 +307,22 @@ def _kid(token: str) -> str:
     import jwt
 
     return str(jwt.get_unverified_header(token)["kid"])
+
+
+def test_inactive_rotation_then_activate(env: dict[str, str], tmp_path: Path) -> None:
+    directory = tmp_path / "keys"
+    run("keys", "rotate", "--dir", str(directory), env=env)
+    first = (directory / "active").read_text().strip()
+
+    added = run("keys", "rotate", "--dir", str(directory), "--inactive", env=env)
+    still = (directory / "active").read_text().strip()
+    jwks = json.loads(
+        run("keys", "jwks", "--signing-key", str(directory), env=env).stdout
+    )
+    second = next(key["kid"] for key in jwks["keys"] if key["kid"] != first)
+    activated = run("keys", "activate", "--dir", str(directory), "--", second, env=env)
+
+    assert "it verifies only" in added.stdout
+    assert still == first
+    assert activated.returncode == 0, activated.stderr
+    assert (directory / "active").read_text().strip() == second

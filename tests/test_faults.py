@@ -326,7 +326,7 @@ async def test_redis_stop_then_recover(
     early_ok = [r for r in results if r.code == OK and r.ended < stop_began]
 
     assert codes <= {OK, UNAVAILABLE}, codes
-    assert len(down) > 100
+    assert len(down) >= 20
     assert down_codes == {UNAVAILABLE}
     assert down_reasons == {"STORE_UNAVAILABLE"}
     assert slowest < deadline
@@ -669,7 +669,7 @@ async def test_sigkill_leaves_consistent_redis(
         await store.close()
     client.close()
 
-    assert calls > 100
+    assert calls >= 20
     assert len(sessions) >= 3
     assert all(ttl > 0 for ttl in session_ttls)
     assert unindexed == []
