@@ -433,11 +433,11 @@ def _serve(args: argparse.Namespace) -> int:
 
         return Supervisor(settings, args.workers, args.log_level.upper()).run()
 
-    async def on_started(running: AuthServer) -> None:
+    async def before_start(running: AuthServer) -> None:
         if settings.dev:
             await _create_dev_user(running)
 
-    asyncio.run(serve(settings, on_started=on_started))
+    asyncio.run(serve(settings, before_start=before_start))
     return 0
 
 

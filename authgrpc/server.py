@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,8 +207,13 @@ async def start_server(
     store: SessionStore | None = None,
     keys: KeySet | None = None,
     hasher: PasswordHasher | None = None,
+    before_start: Callable[[AuthServer], Awaitable[None]] | None = None,
 ) -> AuthServer:
-    """Build the server from ``settings``, bind it, start it, and return it."""
+    """Build the server from ``settings``, bind it, start it, and return it.
+
+    ``before_start`` runs once the port is bound but before any call is
+    accepted, for set-up such as dev mode's demo user.
+    """
     if keys is None:
         if settings.signing_key is not None:
             keys = load_signing_keys(settings.signing_key, settings.algorithm)
@@ -261,10 +267,12 @@ async def start_server(
     )
 
     port = _bind(server, settings)
-    await server.start()
     running = AuthServer(
         settings, server, port, store, authenticator, health_servicer, keys
     )
+    if before_start is not None:
+        await before_start(running)
+    await server.start()
     running.listener = listener
     if isinstance(metrics, PrometheusMetrics) and settings.metrics_listen:
         running.metrics_http = metrics.serve_http(settings.metrics_listen)
@@ -335,11 +343,13 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     return int(port)
 
 
-async def serve(settings: Settings, *, on_started: Any = None) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    before_start: Callable[[AuthServer], Awaitable[None]] | None = None,
+) -> None:
     """Run the server until SIGTERM or SIGINT, reloading keys on SIGHUP."""
-    running = await start_server(settings)
-    if on_started is not None:
-        await on_started(running)
+    running = await start_server(settings, before_start=before_start)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
