@@ -2,20 +2,43 @@
 
 Key layout, with ``P`` the configurable prefix (default ``authgrpc``)::
 
-    P:{u:<user_id>}:user        hash: n username, h password hash, r roles,
-                                d disabled, g generation, c created
-    P:{u:<user_id>}:s:<sid>     hash: c created, a absolute expiry, l last
-                                seen, k rotation key, r/p current and previous
-                                refresh-token hash, q grace end, i peer, ua
-                                user agent. Its TTL is the idle timeout, capped
-                                at the absolute expiry.
-    P:{u:<user_id>}:idx         sorted set of the user's session ids, scored
-                                by absolute expiry
+    P:{u:<user_id>}:user        hash: n username, r roles, d disabled,
+                                g generation, c created, k rotation key,
+                                and the session index: one field per session,
+                                named by its session id, whose value is the
+                                session's absolute expiry
+    P:{u:<user_id>}:pw          string: the password hash
+    P:{u:<user_id>}:s:<sid>     hash: t lifetime (absolute expiry minus
+                                creation time), l last seen minus creation
+                                time, r/p current and previous refresh-token
+                                hash, q grace end, i peer, u user agent. Its
+                                TTL is the idle timeout, capped at the
+                                absolute expiry.
     P:{n:<username>}            string: the user id for a username
     P:users                     set of every username
     P:{t:<kind>:<value>}        hash: failed-login counter and lockout
     P:ended                     pub/sub channel: "<user_id> <session_id>" for
                                 every session that ends before its time
+
+The index values and ``q`` are Unix milliseconds, and ``t`` and ``l`` are
+durations in milliseconds. The session hash keeps those offsets, and leaves
+the absolute expiry to the index, so that listpack stores them as integers
+of 4 bytes or less. A new session with an IPv4 peer and a 48-byte user
+agent then fits a 112-byte listpack allocation, and 160 bytes once its
+first refresh adds ``p`` and ``q``.
+
+Session ids are 22 characters and every user field name is one character,
+so the index fields are the fields whose name is longer than one character.
+Scripts touch an index field by a caller's session id only after its
+session key turned out to exist, or when that id is longer than one
+character. The password hash (about 97 characters for argon2id) is a key of
+its own because any hash value over ``hash-max-listpack-value`` (64 bytes by
+default in Redis 7.0) converts the whole user hash to the larger hashtable
+encoding. For the same reason the store cuts the peer and the user agent to
+64 bytes. NOTE: a username or roles string over 64 bytes, or more fields
+than ``hash-max-listpack-entries`` (512 on redis-server 7.0.15 without a
+config file), still converts that user's hash to the hashtable encoding,
+which costs more per index field.
 
 Every key of one user shares the hash tag ``{u:<user_id>}``, so each script
 touches a single hash slot and the same code runs on Redis Cluster. Every
@@ -23,7 +46,13 @@ change to a session is one Lua script, so it is atomic: a validation only
 extends a session key that still exists, and cannot bring back one that a
 concurrent logout deleted. Times come from the Redis server's clock (TIME),
 so replicas with skewed clocks agree. Sessions that time out by idleness
-vanish through their TTL and are dropped from the index whenever it is read.
+vanish through their TTL and are dropped from the index whenever it is
+read, and at every login.
+
+The refresh rotation key is one random 16-byte key per user: ``create_user``
+writes it, and CREATE_SESSION adds the login's key when the user has none.
+HMAC-SHA256 of a presented secret under it stays unguessable to anyone
+without access to Redis, and each session's secrets differ.
 """
 
 from __future__ import annotations
@@ -40,6 +69,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from authgrpc import refresh
 from authgrpc.errors import ConfigurationError, StoreUnavailable
 from authgrpc.store import (
     NewSession,
@@ -57,130 +87,180 @@ from authgrpc.store import (
 
 T = TypeVar("T")
 
+# Maximum UTF-8 bytes of the peer and the user agent that the store keeps,
+# because a longer hash value converts the session hash to hashtable encoding.
+MAX_STORED_TEXT_BYTES = 64
+
 _NOW = (
     "local t = redis.call('TIME') "
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 )
 
+# Every loop over the user hash skips the fields of one character, which are
+# the user's own, and takes the rest as the session index.
+
+# KEYS: user, session. ARGV: generation, idle ms, absolute ms, max sessions,
+# rotation key, refresh hash, peer, user agent, channel, user id, session id,
+# session key prefix.
 CREATE_SESSION = (
     _NOW
     + """
 local u = redis.call('HMGET', KEYS[1], 'n', 'd', 'g', 'r')
 if not u[1] or u[2] == '1' or (u[3] or '0') ~= ARGV[1] then return {0} end
-if redis.call('EXISTS', KEYS[3]) == 1 then return {-1} end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local max = tonumber(ARGV[4])
-if max > 0 then
-  local count = redis.call('ZCARD', KEYS[2])
-  if count >= max then
-    for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-      if redis.call('EXISTS', ARGV[12] .. sid) == 0 then
-        redis.call('ZREM', KEYS[2], sid)
-        count = count - 1
-      end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {-1} end
+local live = {}
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  local sid = flat[i]
+  if #sid > 1 then
+    local absolute = tonumber(flat[i + 1])
+    if absolute > now and redis.call('EXISTS', ARGV[12] .. sid) == 1 then
+      table.insert(live, {absolute, sid})
+    else
+      redis.call('HDEL', KEYS[1], sid)
     end
   end
-  while count >= max do
-    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+end
+local max = tonumber(ARGV[4])
+if max > 0 and #live >= max then
+  table.sort(live, function(x, y)
+    if x[1] ~= y[1] then return x[1] < y[1] end
+    return x[2] < y[2]
+  end)
+  for i = 1, #live - max + 1 do
+    local oldest = live[i][2]
     redis.call('DEL', ARGV[12] .. oldest)
-    redis.call('ZREM', KEYS[2], oldest)
+    redis.call('HDEL', KEYS[1], oldest)
     redis.call('PUBLISH', ARGV[9], ARGV[10] .. ' ' .. oldest)
-    count = count - 1
   end
 end
 local absolute = now + tonumber(ARGV[3])
 local idle = math.min(tonumber(ARGV[2]), tonumber(ARGV[3]))
-redis.call('HSET', KEYS[3], 'c', now, 'a', absolute, 'l', now,
-  'k', ARGV[5], 'r', ARGV[6], 'i', ARGV[7], 'ua', ARGV[8])
-redis.call('PEXPIRE', KEYS[3], idle)
-redis.call('ZADD', KEYS[2], absolute, ARGV[11])
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-redis.call('PEXPIRE', KEYS[2], tonumber(last[2]) - now + 1000)
+redis.call('HSET', KEYS[2], 't', ARGV[3], 'l', 0, 'r', ARGV[6], 'i', ARGV[7],
+  'u', ARGV[8])
+redis.call('PEXPIRE', KEYS[2], idle)
+redis.call('HSET', KEYS[1], ARGV[11], absolute)
+redis.call('HSETNX', KEYS[1], 'k', ARGV[5])
 return {1, now, absolute, now + idle, u[1], u[4] or ''}
 """
 )
 
+# KEYS: session, user. ARGV: idle ms, touch interval ms, session id.
 VALIDATE_SESSION = (
     _NOW
     + """
-local s = redis.call('HMGET', KEYS[1], 'c', 'a', 'l')
+local s = redis.call('HMGET', KEYS[1], 't', 'l')
 if not s[1] then return false end
-local u = redis.call('HMGET', KEYS[2], 'n', 'd', 'r')
+local u = redis.call('HMGET', KEYS[2], 'n', 'd', 'r', ARGV[3])
 if not u[1] or u[2] == '1' then return false end
-local absolute = tonumber(s[2])
-if absolute <= now then
+local absolute = tonumber(u[4])
+if not absolute or absolute <= now then
   redis.call('DEL', KEYS[1])
+  redis.call('HDEL', KEYS[2], ARGV[3])
   return false
 end
-local last = tonumber(s[3])
+local created = absolute - tonumber(s[1])
+local last = created + tonumber(s[2])
 local ttl
 if now - last >= tonumber(ARGV[2]) then
   ttl = math.min(tonumber(ARGV[1]), absolute - now)
-  redis.call('HSET', KEYS[1], 'l', now)
+  redis.call('HSET', KEYS[1], 'l', now - created)
   redis.call('PEXPIRE', KEYS[1], ttl)
   last = now
 else
   ttl = redis.call('PTTL', KEYS[1])
 end
-return {s[1], s[2], last, now + ttl, u[1], u[3] or ''}
+return {created, absolute, last, now + ttl, u[1], u[3] or ''}
 """
 )
 
+# KEYS: session, user. ARGV: session id, channel, user id.
 END_SESSION = """
 local ended = redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+if #ARGV[1] > 1 then redis.call('HDEL', KEYS[2], ARGV[1]) end
 if ended == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. ARGV[1]) end
 return ended
 """
 
-# ARGV: session key prefix, session id to keep or '', channel, user id,
-# disabled flag to set ('' leaves it), new password hash ('' leaves it).
+# KEYS: user, password. ARGV: session key prefix, session id to keep or '',
+# channel, user id, disabled flag to set ('' leaves it), new password hash
+# ('' leaves it).
 END_ALL_SESSIONS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'g', 1)
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'd', ARGV[5]) end
-  if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'h', ARGV[6]) end
+  if ARGV[6] ~= '' then redis.call('SET', KEYS[2], ARGV[6]) end
 end
 local ended = 0
-for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if sid ~= ARGV[2] then
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  local sid = flat[i]
+  if #sid > 1 and sid ~= ARGV[2] then
     if redis.call('DEL', ARGV[1] .. sid) == 1 then
       ended = ended + 1
       redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. sid)
     end
-    redis.call('ZREM', KEYS[2], sid)
+    redis.call('HDEL', KEYS[1], sid)
   end
 end
 return ended
 """
 
+# KEYS: user. ARGV: session key prefix.
 LIST_SESSIONS = (
     _NOW
     + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local out = {}
-for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local f = redis.call('HMGET', ARGV[1] .. sid, 'c', 'a', 'l', 'i', 'ua')
-  if f[1] then
-    local ttl = redis.call('PTTL', ARGV[1] .. sid)
-    table.insert(out, {sid, f[1], f[2], f[3], now + ttl, f[4] or '', f[5] or ''})
-  else
-    redis.call('ZREM', KEYS[1], sid)
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  local sid = flat[i]
+  if #sid > 1 then
+    local key = ARGV[1] .. sid
+    local absolute = tonumber(flat[i + 1])
+    local f = {}
+    if absolute > now then
+      f = redis.call('HMGET', key, 't', 'l', 'i', 'u')
+    else
+      redis.call('DEL', key)
+    end
+    if f[1] then
+      local created = absolute - tonumber(f[1])
+      local ttl = redis.call('PTTL', key)
+      table.insert(out, {sid, created, absolute, created + tonumber(f[2]),
+        now + ttl, f[3] or '', f[4] or ''})
+    else
+      redis.call('HDEL', KEYS[1], sid)
+    end
   end
 end
 return out
 """
 )
 
-# KEYS: session, index, user. ARGV: presented hash, new hash, grace ms,
-# idle ms, channel, user id, session id.
+# KEYS: session, user.
+READ_REFRESH_STATE = """
+local s = redis.call('HMGET', KEYS[1], 'r', 'p', 'q')
+if not s[1] then return false end
+local k = redis.call('HGET', KEYS[2], 'k')
+if not k then return false end
+return {k, s[1], s[2] or '', s[3] or '0'}
+"""
+
+# KEYS: session, user. ARGV: presented hash, new hash, grace ms, idle ms,
+# channel, user id, session id.
 COMMIT_REFRESH = (
     _NOW
     + """
-local s = redis.call('HMGET', KEYS[1], 'r', 'p', 'q', 'a', 'c')
+local s = redis.call('HMGET', KEYS[1], 'r', 'p', 'q', 't')
 if not s[1] then return {'ended'} end
-local u = redis.call('HMGET', KEYS[3], 'n', 'd', 'r')
+local u = redis.call('HMGET', KEYS[2], 'n', 'd', 'r', ARGV[7])
 if not u[1] or u[2] == '1' then return {'ended'} end
+local absolute = tonumber(u[4])
+if not absolute or absolute <= now then
+  redis.call('DEL', KEYS[1])
+  redis.call('HDEL', KEYS[2], ARGV[7])
+  return {'ended'}
+end
 local outcome
 if s[1] == ARGV[1] then
   redis.call('HSET', KEYS[1], 'r', ARGV[2], 'p', ARGV[1], 'q', now + tonumber(ARGV[3]))
@@ -190,24 +270,31 @@ elseif s[2] and s[2] == ARGV[1] then
     outcome = 'replayed'
   else
     redis.call('DEL', KEYS[1])
-    redis.call('ZREM', KEYS[2], ARGV[7])
+    redis.call('HDEL', KEYS[2], ARGV[7])
     redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[7])
     return {'reused'}
   end
 else
   return {'invalid'}
 end
-local absolute = tonumber(s[4])
+local created = absolute - tonumber(s[4])
 local ttl = math.min(tonumber(ARGV[4]), absolute - now)
-redis.call('HSET', KEYS[1], 'l', now)
+redis.call('HSET', KEYS[1], 'l', now - created)
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {outcome, s[5], s[4], now, now + ttl, u[1], u[3] or ''}
+return {outcome, created, absolute, now, now + ttl, u[1], u[3] or ''}
 """
 )
 
+# KEYS: user, password. Returns the user fields and the password hash.
+READ_USER = """
+local u = redis.call('HMGET', KEYS[1], 'n', 'r', 'd', 'g', 'c')
+return {u[1], u[2], u[3], u[4], u[5], redis.call('GET', KEYS[2])}
+"""
+
+# KEYS: password.
 REPLACE_PASSWORD_HASH = """
-if redis.call('HGET', KEYS[1], 'h') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'h', ARGV[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
   return 1
 end
 return 0
@@ -322,7 +409,11 @@ class KeyLayout:
         return f"{self.prefix}:{{u:{user_id}}}:user"
 
     def index(self, user_id: str) -> str:
-        return f"{self.prefix}:{{u:{user_id}}}:idx"
+        """Return the key whose fields are the user's session index: the user hash."""
+        return self.user(user_id)
+
+    def password(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{user_id}}}:pw"
 
     def session_prefix(self, user_id: str) -> str:
         return f"{self.prefix}:{{u:{user_id}}}:s:"
@@ -419,6 +510,14 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def cut_stored_text(text: str) -> str:
+    """Cut ``text`` to MAX_STORED_TEXT_BYTES of UTF-8 without splitting a character."""
+    data = text.encode()
+    if len(data) <= MAX_STORED_TEXT_BYTES:
+        return text
+    return data[:MAX_STORED_TEXT_BYTES].decode(errors="ignore")
+
+
 def _roles(value: Any) -> tuple[str, ...]:
     text = _text(value) if value else ""
     return tuple(role for role in text.split(",") if role)
@@ -438,6 +537,8 @@ class RedisStore:
         self._end = client.register_script(END_SESSION)
         self._end_all = client.register_script(END_ALL_SESSIONS)
         self._list = client.register_script(LIST_SESSIONS)
+        self._read_refresh = client.register_script(READ_REFRESH_STATE)
+        self._read_user = client.register_script(READ_USER)
         self._commit_refresh = client.register_script(COMMIT_REFRESH)
         self._replace_hash = client.register_script(REPLACE_PASSWORD_HASH)
         self._throttle_acquire = client.register_script(THROTTLE_ACQUIRE)
@@ -476,28 +577,37 @@ class RedisStore:
         )
         fields = {
             "n": username,
-            "h": password_hash,
             "r": ",".join(roles),
             "d": 0,
             "g": 0,
             "c": user.created_ms,
+            "k": refresh.new_rotation_key(),
         }
+        # The password key goes first, so that a user hash never exists
+        # without it unless someone deletes it.
+        await guarded(self.client.set(self.keys.password(user_id), password_hash))
         await guarded(self.client.hset(self.keys.user(user_id), mapping=fields))
         await guarded(self.client.sadd(self.keys.users, username))
         return user
 
     async def get_user(self, user_id: str) -> UserRecord | None:
-        fields = await guarded(self.client.hgetall(self.keys.user(user_id)))
-        if not fields or b"n" not in fields:
+        keys = [self.keys.user(user_id), self.keys.password(user_id)]
+        name, roles, disabled, generation, created, password_hash = await guarded(
+            self._read_user(keys=keys, args=[])
+        )
+        if name is None:
             return None
+        # A missing password key reads as an empty hash. NOTE: PasswordHasher.verify
+        # checks an empty hash against its dummy hash and returns True for the
+        # dummy password, so it must reject an empty hash as it rejects None.
         return UserRecord(
             user_id=user_id,
-            username=_text(fields[b"n"]),
-            password_hash=_text(fields.get(b"h", b"")),
-            roles=_roles(fields.get(b"r")),
-            disabled=fields.get(b"d") == b"1",
-            generation=int(fields.get(b"g", 0)),
-            created_ms=int(fields.get(b"c", 0)),
+            username=_text(name),
+            password_hash=_text(password_hash or b""),
+            roles=_roles(roles),
+            disabled=disabled == b"1",
+            generation=int(generation or 0),
+            created_ms=int(created or 0),
         )
 
     async def get_user_by_name(self, username: str) -> UserRecord | None:
@@ -519,7 +629,7 @@ class RedisStore:
     ) -> bool:
         replaced = await guarded(
             self._replace_hash(
-                keys=[self.keys.user(user_id)], args=[old_hash, new_hash]
+                keys=[self.keys.password(user_id)], args=[old_hash, new_hash]
             )
         )
         return bool(replaced)
@@ -541,11 +651,11 @@ class RedisStore:
     async def create_session(
         self, user: UserRecord, new: NewSession, limits: SessionLimits
     ) -> SessionRecord:
+        peer, user_agent = cut_stored_text(new.peer), cut_stored_text(new.user_agent)
         for _ in range(3):
             session_id = new_id()
             keys = [
                 self.keys.user(user.user_id),
-                self.keys.index(user.user_id),
                 self.keys.session(user.user_id, session_id),
             ]
             args = [
@@ -555,8 +665,8 @@ class RedisStore:
                 limits.max_per_user,
                 new.rotation_key,
                 new.refresh_hash,
-                new.peer,
-                new.user_agent,
+                peer,
+                user_agent,
                 self.keys.channel,
                 user.user_id,
                 session_id,
@@ -574,8 +684,8 @@ class RedisStore:
                     absolute_expiry_ms=int(absolute),
                     idle_expiry_ms=int(idle),
                     last_seen_ms=int(now),
-                    peer=new.peer,
-                    user_agent=new.user_agent,
+                    peer=peer,
+                    user_agent=user_agent,
                 )
             if result[0] == 0:
                 raise UserChanged(f"user {user.username!r} changed during login")
@@ -587,13 +697,12 @@ class RedisStore:
         self, user_id: str, session_id: str, limits: SessionLimits
     ) -> SessionRecord | None:
         keys = [self.keys.session(user_id, session_id), self.keys.user(user_id)]
-        result = await guarded(
-            self._validate(keys=keys, args=[limits.idle_ms, limits.touch_interval_ms])
-        )
+        args = [limits.idle_ms, limits.touch_interval_ms, session_id]
+        result = await guarded(self._validate(keys=keys, args=args))
         return _validated(user_id, session_id, result)
 
     async def end_session(self, user_id: str, session_id: str) -> bool:
-        keys = [self.keys.session(user_id, session_id), self.keys.index(user_id)]
+        keys = [self.keys.session(user_id, session_id), self.keys.user(user_id)]
         ended = await guarded(
             self._end(keys=keys, args=[session_id, self.keys.channel, user_id])
         )
@@ -609,7 +718,7 @@ class RedisStore:
     async def _end_all_with(
         self, user_id: str, keep: str, *, disabled: str, password_hash: str
     ) -> int:
-        keys = [self.keys.user(user_id), self.keys.index(user_id)]
+        keys = [self.keys.user(user_id), self.keys.password(user_id)]
         args = [
             self.keys.session_prefix(user_id),
             keep,
@@ -626,7 +735,7 @@ class RedisStore:
             return []
         rows = await guarded(
             self._list(
-                keys=[self.keys.index(user_id)],
+                keys=[self.keys.user(user_id)],
                 args=[self.keys.session_prefix(user_id)],
             )
         )
@@ -651,13 +760,12 @@ class RedisStore:
     async def get_refresh_state(
         self, user_id: str, session_id: str
     ) -> RefreshState | None:
-        key = self.keys.session(user_id, session_id)
-        rotation_key, current, previous, grace = await guarded(
-            self.client.hmget(key, "k", "r", "p", "q")
-        )
-        if rotation_key is None or current is None:
+        keys = [self.keys.session(user_id, session_id), self.keys.user(user_id)]
+        state = await guarded(self._read_refresh(keys=keys, args=[]))
+        if not state:
             return None
-        return RefreshState(rotation_key, current, previous or b"", int(grace or 0))
+        rotation_key, current, previous, grace = state
+        return RefreshState(rotation_key, current, previous, int(grace))
 
     async def commit_refresh(
         self,
@@ -668,11 +776,7 @@ class RedisStore:
         grace_ms: int,
         limits: SessionLimits,
     ) -> tuple[RefreshOutcome, SessionRecord | None]:
-        keys = [
-            self.keys.session(user_id, session_id),
-            self.keys.index(user_id),
-            self.keys.user(user_id),
-        ]
+        keys = [self.keys.session(user_id, session_id), self.keys.user(user_id)]
         args = [
             presented_hash,
             new_hash,
@@ -775,10 +879,9 @@ class SyncSessionChecker:
     ) -> SessionRecord | None:
         """Return the live session, extended, or None. Raises StoreUnavailable."""
         keys = [self.keys.session(user_id, session_id), self.keys.user(user_id)]
+        args: list[int | str] = [limits.idle_ms, limits.touch_interval_ms, session_id]
         try:
-            result = self._validate(
-                keys=keys, args=[limits.idle_ms, limits.touch_interval_ms]
-            )
+            result = self._validate(keys=keys, args=args)
         except _CLIENT_ERRORS as exc:
             unavailable = _unavailable(exc)
             if unavailable is None:

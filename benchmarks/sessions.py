@@ -10,6 +10,7 @@ them when the layout changes.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import os
@@ -22,20 +23,28 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 import redis
 
 from authgrpc import refresh
-from authgrpc.redis_store import RedisStore
-from authgrpc.store import NewSession, SessionLimits, UserRecord, new_id
+from authgrpc.config import Settings
+from authgrpc.redis_store import KeyLayout, RedisStore, cut_stored_text
+from authgrpc.store import (
+    NewSession,
+    RefreshOutcome,
+    SessionLimits,
+    UserRecord,
+    new_id,
+)
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 # ARGV: prefix, password hash, idle ms, absolute ms, peer, user agent, then
 # groups of (user id, session id, rotation key, refresh hash). Each group
 # becomes one user with one session, written as create_user and
-# CREATE_SESSION write them.
+# CREATE_SESSION write them: the rotation key is the user's.
 POPULATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -46,34 +55,37 @@ for i = 7, #ARGV, 4 do
   local uid, sid = ARGV[i], ARGV[i + 1]
   local base = prefix .. ':{u:' .. uid .. '}'
   local name = 'bulk-' .. string.lower(uid)
-  redis.call('HSET', base .. ':user', 'n', name, 'h', ARGV[2], 'r', '', 'd', 0, 'g', 0,
-    'c', now)
+  redis.call('SET', base .. ':pw', ARGV[2])
+  redis.call('HSET', base .. ':user', 'n', name, 'r', '', 'd', 0, 'g', 0, 'c', now,
+    'k', ARGV[i + 2])
   redis.call('SET', prefix .. ':{n:' .. name .. '}', uid)
   redis.call('SADD', prefix .. ':users', name)
   local session = base .. ':s:' .. sid
-  redis.call('HSET', session, 'c', now, 'a', absolute, 'l', now, 'k', ARGV[i + 2],
-    'r', ARGV[i + 3], 'i', ARGV[5], 'ua', ARGV[6])
+  redis.call('HSET', session, 't', ARGV[4], 'l', 0, 'r', ARGV[i + 3], 'i', ARGV[5],
+    'u', ARGV[6])
   redis.call('PEXPIRE', session, idle)
-  redis.call('ZADD', base .. ':idx', absolute, sid)
-  redis.call('PEXPIRE', base .. ':idx', absolute - now + 1000)
+  redis.call('HSET', base .. ':user', sid, absolute)
 end
 return (#ARGV - 6) / 4
 """
 
-# Like POPULATE, but only the users, so that session memory can be measured apart.
+# Like POPULATE, but only the users, so that session memory can be measured
+# apart. ARGV: prefix, password hash, then pairs of (user id, rotation key).
 POPULATE_USERS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix = ARGV[1]
-for i = 3, #ARGV do
+for i = 3, #ARGV, 2 do
   local uid = ARGV[i]
+  local base = prefix .. ':{u:' .. uid .. '}'
   local name = 'bulk-' .. string.lower(uid)
-  redis.call('HSET', prefix .. ':{u:' .. uid .. '}:user', 'n', name, 'h', ARGV[2],
-    'r', '', 'd', 0, 'g', 0, 'c', now)
+  redis.call('SET', base .. ':pw', ARGV[2])
+  redis.call('HSET', base .. ':user', 'n', name, 'r', '', 'd', 0, 'g', 0, 'c', now,
+    'k', ARGV[i + 1])
   redis.call('SET', prefix .. ':{n:' .. name .. '}', uid)
   redis.call('SADD', prefix .. ':users', name)
 end
-return #ARGV - 2
+return (#ARGV - 2) / 2
 """
 
 BATCH = 5_000
@@ -145,6 +157,7 @@ class SessionRef:
 
     user_id: str
     session_id: str
+    refresh_hash: bytes = b""
 
 
 def populate_users(
@@ -154,7 +167,10 @@ def populate_users(
     script = client.register_script(POPULATE_USERS)
     user_ids = [new_id() for _ in range(count)]
     for start in range(0, count, BATCH):
-        script(args=[prefix, password_hash, *user_ids[start : start + BATCH]])
+        args: list[str | bytes] = [prefix, password_hash]
+        for user_id in user_ids[start : start + BATCH]:
+            args += [user_id, refresh.new_rotation_key()]
+        script(args=args)
     return user_ids
 
 
@@ -180,8 +196,8 @@ def populate(
                 password_hash,
                 limits.idle_ms,
                 limits.absolute_ms,
-                peer,
-                user_agent,
+                cut_stored_text(peer),
+                cut_stored_text(user_agent),
             ]
             # Ids are 16 random bytes in base64url, as new_id() makes them.
             # The rotation key and the refresh hash are 16 random bytes each,
@@ -219,24 +235,45 @@ async def create_sessions(
     user_agent: str,
     *,
     concurrency: int = 64,
+    per_user: int = 1,
 ) -> list[SessionRef]:
-    """Create one session for each of ``users`` with ``RedisStore.create_session``."""
+    """Create ``per_user`` sessions for each of ``users`` with the store's script."""
     refs: list[SessionRef] = []
     queue = list(reversed(users))
 
     async def creator() -> None:
         while queue:
             user = queue.pop()
-            secret = refresh.new_secret()
-            draft = refresh.RefreshToken(user.user_id, "", secret)
-            new = NewSession(
-                draft.stored_hash, refresh.new_rotation_key(), peer, user_agent
-            )
-            session = await store.create_session(user, new, limits)
-            refs.append(SessionRef(user.user_id, session.session_id))
+            for _ in range(per_user):
+                secret = refresh.new_secret()
+                draft = refresh.RefreshToken(user.user_id, "", secret)
+                new = NewSession(
+                    draft.stored_hash, refresh.new_rotation_key(), peer, user_agent
+                )
+                session = await store.create_session(user, new, limits)
+                refs.append(
+                    SessionRef(user.user_id, session.session_id, draft.stored_hash)
+                )
 
     await asyncio.gather(*(creator() for _ in range(concurrency)))
     return refs
+
+
+async def refresh_sessions(
+    store: RedisStore, refs: list[SessionRef], limits: SessionLimits
+) -> None:
+    """Rotate the refresh token of each session once, as a Refresh call does."""
+    for ref in refs:
+        outcome, _ = await store.commit_refresh(
+            ref.user_id,
+            ref.session_id,
+            ref.refresh_hash,
+            os.urandom(16),
+            10_000,
+            limits,
+        )
+        if outcome is not RefreshOutcome.ROTATED:
+            raise RuntimeError(f"refresh of session {ref.session_id} was {outcome}")
 
 
 def used_memory(client: redis.Redis) -> int:
@@ -254,3 +291,137 @@ def sample(refs: list[SessionRef], count: int) -> list[SessionRef]:
     picked = list(refs)
     secrets.SystemRandom().shuffle(picked)
     return picked[:count]
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Redis memory that sessions added, per session, in bytes."""
+
+    users: int
+    per_user: int
+    created: float
+    refreshed: float
+    session_key: float
+    user_key_before: float
+    user_key_after: float
+
+
+def measure_memory(
+    users: int, per_user: int, password_hash: str, peer: str, user_agent: str
+) -> MemoryReport:
+    """Measure the ``used_memory`` delta per session on a new private redis-server.
+
+    The users are written first. Then ``per_user`` sessions per user are
+    created with ``RedisStore.create_session``, and each session's refresh
+    token is rotated once. ``session_key`` and the ``user_key`` means are
+    MEMORY USAGE (SAMPLES 0) over up to 100 sessions and their users' hashes.
+    """
+    with TemporaryDirectory() as directory:
+        server = RedisProcess(Path(directory))
+        server.start()
+        try:
+            return _measure(server, users, per_user, password_hash, peer, user_agent)
+        finally:
+            server.stop()
+
+
+def _measure(
+    server: RedisProcess,
+    users: int,
+    per_user: int,
+    password_hash: str,
+    peer: str,
+    user_agent: str,
+) -> MemoryReport:
+    layout = KeyLayout()
+    limits = Settings(dev=True).limits
+    client = server.client()
+
+    async def create_then_refresh(
+        user_ids: list[str], readings: list[int]
+    ) -> list[SessionRef]:
+        records = [
+            UserRecord(uid, f"bulk-{uid.lower()}", password_hash) for uid in user_ids
+        ]
+        # Each reading follows closing the store, whose connections' buffers
+        # would otherwise count.
+        store = RedisStore.from_url(server.url, timeout=30)
+        try:
+            refs = await create_sessions(
+                store, records, limits, peer, user_agent, per_user=per_user
+            )
+        finally:
+            await store.close()
+        readings.append(used_memory(client))
+        store = RedisStore.from_url(server.url, timeout=30)
+        try:
+            await refresh_sessions(store, refs, limits)
+        finally:
+            await store.close()
+        readings.append(used_memory(client))
+        return refs
+
+    # The first runs of the scripts allocate about 100 kB that stays (the
+    # script cache and the buffers of Redis's script client), so a warm-up
+    # user's sessions are created and refreshed before the first reading.
+    warm_up = populate_users(client, layout.prefix, password_hash, 1)
+    asyncio.run(create_then_refresh(warm_up, []))
+    user_ids = populate_users(client, layout.prefix, password_hash, users)
+    picked_users = [layout.user(uid) for uid in user_ids[:100]]
+    user_before = memory_usage(client, picked_users)
+    readings = [used_memory(client)]
+    refs = asyncio.run(create_then_refresh(user_ids, readings))
+    before, created, refreshed = readings
+    count = users * per_user
+    session_keys = [layout.session(r.user_id, r.session_id) for r in sample(refs, 100)]
+    report = MemoryReport(
+        users=users,
+        per_user=per_user,
+        created=(created - before) / count,
+        refreshed=(refreshed - before) / count,
+        session_key=_mean(memory_usage(client, session_keys)),
+        user_key_before=_mean(user_before),
+        user_key_after=_mean(memory_usage(client, picked_users)),
+    )
+    client.close()
+    return report
+
+
+def _mean(values: list[int]) -> float:
+    return sum(values) / len(values)
+
+
+# An argon2id hash with argon2-cffi's default parameters is 97 characters.
+_EXAMPLE_HASH = "$argon2id$v=19$m=65536,t=3,p=4$" + "A" * 22 + "$" + "B" * 43
+_EXAMPLE_AGENT = "grpc-python/1.85.3 grpc-c/50.0.0 (linux; chttp2)"
+
+
+def main() -> None:
+    """Print the Redis memory per session for each ``--users`` and ``--per-user``."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument(
+        "--users", type=int, nargs="+", default=[2000, 10_000], help="user counts"
+    )
+    parser.add_argument(
+        "--per-user",
+        type=int,
+        nargs="+",
+        default=[1, 5],
+        help="sessions per user",
+    )
+    options = parser.parse_args()
+    print("users  per user  created B  refreshed B  session key B  user key B")
+    for users in options.users:
+        for per_user in options.per_user:
+            report = measure_memory(
+                users, per_user, _EXAMPLE_HASH, "127.0.0.1", _EXAMPLE_AGENT
+            )
+            print(
+                f"{report.users:>5}  {report.per_user:>8}  {report.created:>9.0f}  "
+                f"{report.refreshed:>11.0f}  {report.session_key:>13.0f}  "
+                f"{report.user_key_before:.0f} -> {report.user_key_after:.0f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
