@@ -27,7 +27,7 @@ from authgrpc.validators import AsyncLocalValidator, Validation
 
 log = logging.getLogger("authgrpc.service")
 
-MAX_USER_AGENT_BYTES = 128
+MAX_USER_AGENT_BYTES = 64
 _BAD_CREDENTIALS = "invalid username or password"
 
 

@@ -124,7 +124,8 @@ class PasswordHasher:
         matched = await asyncio.get_running_loop().run_in_executor(
             self._pool, self._verify, target, password
         )
-        return matched and password_hash is not None
+        # An empty hash is no hash: it was verified against the dummy hash above.
+        return matched and bool(password_hash)
 
     def needs_rehash(self, password_hash: str) -> bool:
         """Return whether a hash was made with parameters other than the current."""

@@ -4,10 +4,10 @@ A refresh token reads ``rt1.<user_id>.<session_id>.<secret>`` with a 256-bit
 random secret, base64url-encoded. The ids only route the token to its
 session's keys; the secret is what authenticates it, and the store keeps
 only a hash of it. Each rotation derives the next secret as
-HMAC-SHA256(rotation key, presented secret), with a random rotation key kept
-in the session. So a retry of the same refresh token within the grace
-window yields the very same next token, and two racing refreshes cannot
-leave two valid tokens behind.
+HMAC-SHA256(rotation key, presented secret), with a random rotation key
+that the store keeps (one per user in Redis). So a retry of the same
+refresh token within the grace window yields the very same next token, and
+two racing refreshes cannot leave two valid tokens behind.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def new_secret() -> bytes:
 
 
 def new_rotation_key() -> bytes:
-    """Return a random per-session key for deriving each next refresh secret."""
+    """Return a random key for deriving each next refresh secret."""
     return secrets.token_bytes(16)
 
 

@@ -236,7 +236,8 @@ def details(facts: dict[str, Any]) -> list[str]:
     revocation = facts["revocation"]
     return [
         f"MEMORY USAGE (SAMPLES 0), mean of 100 sessions: session hash "
-        f"{memory['session_key']:.0f} B, its index {memory['index_key']:.0f} B; "
+        f"{memory['session_key']:.0f} B, user hash (record and index) "
+        f"{memory['index_key']:.0f} B; "
         f"a session key name is {memory['key_name_bytes']} B and its "
         f"{memory['fields']} fields and values {memory['value_bytes']} B",
         f"large population: {facts['large_keys']:,} keys, used_memory "

@@ -641,11 +641,11 @@ async def test_sigkill_leaves_consistent_redis(
     unindexed = [
         (u, s)
         for u, s in sessions
-        if client.zscore(f"{prefix}:{{u:{u}}}:idx", s) is None
+        if client.hget(f"{prefix}:{{u:{u}}}:user", s) is None
     ]
     permanent = {f"{prefix}:users"}
     for key in keys:
-        if key.endswith(":user") or key.startswith(f"{prefix}:{{n:"):
+        if key.endswith((":user", ":pw")) or key.startswith(f"{prefix}:{{n:"):
             permanent.add(key)
     without_ttl = sorted(
         key for key in keys if key not in permanent and client.pttl(key) < 0
@@ -655,7 +655,8 @@ async def test_sigkill_leaves_consistent_redis(
     }
     dangling = []
     for user_id in user_ids:
-        for session_id in client.zrange(f"{prefix}:{{u:{user_id}}}:idx", 0, -1):
+        index = client.hkeys(f"{prefix}:{{u:{user_id}}}:user")
+        for session_id in (field for field in index if len(field) > 1):
             if not client.exists(f"{prefix}:{{u:{user_id}}}:s:{session_id.decode()}"):
                 dangling.append((user_id, session_id.decode()))
     store = RedisStore.from_url(redis_process.url, prefix=prefix)
