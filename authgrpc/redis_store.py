@@ -428,6 +428,9 @@ class KeyLayout:
         return f"{self.prefix}:{{t:{key}}}"
 
 
+MAX_CONNECTIONS = 256
+
+
 def connect(url: str, *, timeout: float = 1.0, decode: bool = False) -> Any:
     """Open an asyncio Redis client for ``url``.
 
@@ -449,7 +452,12 @@ def connect(url: str, *, timeout: float = 1.0, decode: bool = False) -> Any:
     parts = urlsplit(url)
     scheme = parts.scheme
     if scheme in ("redis", "rediss", "unix"):
-        return aioredis.from_url(url, **options)
+        # A blocking pool makes a burst beyond the pool size wait, within the
+        # timeout, for a free connection instead of failing at once.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=timeout, **options
+        )
+        return aioredis.Redis(connection_pool=pool)
     if scheme in ("redis+cluster", "rediss+cluster"):
         base = url.replace("+cluster", "", 1)
         options.pop("health_check_interval")
