@@ -250,6 +250,9 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self.validator = validator
         self.policy = MethodPolicy(public_methods, required_roles)
         self._admission = _Admission(self.policy)
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler | None]
+        ] = {}
 
     def intercept_service(
         self,
@@ -257,10 +260,15 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
+        if handler is None:
+            return None
         method: str = handler_call_details.method
-        if handler is None or self.policy.is_public(method):
-            return handler
-        return self._wrap(handler, method)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1] or handler
+        wrapped = None if self.policy.is_public(method) else self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped or handler
 
     def admit(self, method: str, context: grpc.ServicerContext) -> Principal | None:
         """Return the caller's principal, or set the rejection status and return None.
@@ -432,6 +440,11 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.validator = validator
         self.policy = MethodPolicy(public_methods, required_roles)
         self._admission = _Admission(self.policy)
+        # Wrapped handlers by method, built once: a server's handlers do not
+        # change, and rebuilding one per call costs more than the check itself.
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler | None]
+        ] = {}
 
     async def intercept_service(
         self,
@@ -441,10 +454,15 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
         method: str = handler_call_details.method
-        if handler is None or self.policy.is_public(method):
-            return handler
-        return self._wrap(handler, method)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1] or handler
+        wrapped = None if self.policy.is_public(method) else self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped or handler
 
     async def admit(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
         """Return the caller's principal, or abort the call with the rejection status.
@@ -504,13 +522,15 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _unary_response(
         self, behavior: Any, method: str, *, streaming_request: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        is_async = _is_async(behavior)
+
         async def unary_response(
             request: Any, context: grpc.aio.ServicerContext
         ) -> Any:
             principal = await self.admit(method, context)
             token = set_principal(principal)
             try:
-                if _is_async(behavior):
+                if is_async:
                     return await behavior(request, context)
                 if streaming_request:
                     request = _blocking_iterator(request, asyncio.get_running_loop())
