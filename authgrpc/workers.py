@@ -7,6 +7,7 @@ counters through Redis, which is why more than one worker needs a Redis URL.
 The supervisor forwards SIGTERM, SIGINT and SIGHUP to every worker. When a
 worker exits on its own, the supervisor stops the others and exits with
 status 1, so that a process manager sees the failure and restarts the group.
+A worker whose supervisor dies shuts itself down within about a second.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -37,7 +39,18 @@ def _run_worker(settings: Settings, log_level: str) -> None:
         level=log_level,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
+    threading.Thread(
+        target=_stop_when_orphaned, args=(os.getppid(),), daemon=True
+    ).start()
     asyncio.run(serve(settings))
+
+
+def _stop_when_orphaned(supervisor: int) -> None:
+    """Shut this worker down gracefully once its supervisor has died."""
+    while os.getppid() == supervisor:
+        time.sleep(_POLL_SECONDS * 5)
+    log.error("supervisor %d is gone; stopping this worker", supervisor)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Supervisor:

@@ -60,13 +60,30 @@ def start(env: dict[str, str], workers: int) -> tuple[subprocess.Popen[str], str
         "--grace-period",
         "2",
     ]
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    RUNNING.append(process)
     channel = grpc.insecure_channel(address)
     try:
         grpc.channel_ready_future(channel).result(timeout=30)
     finally:
         channel.close()
     return process, address
+
+
+RUNNING: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_leftovers() -> Iterator[None]:
+    """Kill every supervisor and worker a failed test left running."""
+    yield
+    while RUNNING:
+        process = RUNNING.pop()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
 
 
 def worker_pids(log: str) -> set[str]:
@@ -123,3 +140,32 @@ def test_workers_need_redis(env: dict[str, str]) -> None:
 
     assert result.returncode == 2
     assert "needs --redis-url" in result.stderr
+
+
+def test_orphaned_workers_stop(env: dict[str, str]) -> None:
+    process, _ = start(env, 2)
+    assert process.stderr is not None
+    started = ""
+    while "workers started" not in started:
+        started = process.stderr.readline()
+        assert started, "the supervisor exited before starting its workers"
+    pids = re.search(r"pids=([\d,]+)", started)
+    assert pids is not None
+
+    process.kill()
+    process.wait(10)
+    deadline = time.monotonic() + 15
+    alive = [int(pid) for pid in pids.group(1).split(",")]
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _running(pid)]
+        time.sleep(0.2)
+
+    assert alive == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
