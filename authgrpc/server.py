@@ -50,6 +50,22 @@ REFLECTION_SERVICES = (
 HEALTH_CHECK_INTERVAL = 1.0
 
 
+class _CancelledCallFilter(logging.Filter):
+    """Drop grpc's tracebacks of cancelled calls, such as streams open at shutdown.
+
+    grpc.aio logs the CancelledError of every call it cancels, Health.Watch
+    streams still open when the grace period ends included, as if the
+    handler had failed.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, asyncio.CancelledError)
+
+
+_CANCELLED_CALL_FILTER = _CancelledCallFilter()
+
+
 def ephemeral_keys(algorithm: str = "EdDSA") -> KeySet:
     """Return a key set with a fresh key that exists only in this process (dev mode)."""
     key = generate_private_key(algorithm)
@@ -192,6 +208,10 @@ class AuthServer:
         for task in self._tasks:
             task.cancel()
         await self.server.stop(self.settings.grace_period if grace is None else grace)
+        # Calls cut off at the end of the grace period finish their
+        # cancellation on later loop iterations; let them, so that none is
+        # still running when the loop closes.
+        await asyncio.sleep(0.05)
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
         if self.listener is not None:
@@ -214,6 +234,7 @@ async def start_server(
     ``before_start`` runs once the port is bound but before any call is
     accepted, for set-up such as dev mode's demo user.
     """
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_CANCELLED_CALL_FILTER)
     if keys is None:
         if settings.signing_key is not None:
             keys = load_signing_keys(settings.signing_key, settings.algorithm)

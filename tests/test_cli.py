@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -326,3 +327,30 @@ def test_inactive_rotation_then_activate(env: dict[str, str], tmp_path: Path) ->
     assert still == first
     assert activated.returncode == 0, activated.stderr
     assert (directory / "active").read_text().strip() == second
+
+
+def test_sigterm_with_open_watch_is_quiet(env: dict[str, str]) -> None:
+    import threading
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    run("keys", "generate", "--out", env["AUTHGRPC_SIGNING_KEY"], env=env)
+    server = Server(env)
+    channel = grpc.insecure_channel(server.address)
+    stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+    reader = threading.Thread(target=lambda: list_quietly(stream), daemon=True)
+    reader.start()
+    time.sleep(0.5)
+
+    code, log = server.stop()
+    channel.close()
+
+    assert code == 0
+    assert "server stopped" in log
+    assert "Traceback" not in log
+
+
+def list_quietly(stream: object) -> None:
+    with contextlib.suppress(grpc.RpcError):
+        for _ in stream:  # type: ignore[attr-defined]
+            pass
