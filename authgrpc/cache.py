@@ -1,20 +1,27 @@
-"""A validation cache that forgets a session the moment it ends.
+"""A validation cache that forgets an ended session within a bounded delay.
 
 Validators keep sessions they have just seen live in a bounded in-memory
 map. The auth service publishes every early end of a session (logout,
 revoke, logout-all, refresh reuse, a disabled user, the per-user limit) on
 the Redis channel ``<prefix>:ended``, and :class:`InvalidationListener`
-drops the entry when the message arrives. Correctness never depends on a
-message arriving:
+drops the entry when the message arrives, usually within a few
+milliseconds. Delivery is asynchronous, so a session ended through another
+process may still be accepted from the cache until its message is applied,
+and never for longer than ``recheck_after`` (:data:`MAX_STALENESS`, 0.25 s,
+by default). Use no cache where an ended session must be refused as soon
+as Logout returns. Correctness never depends on a message arriving:
 
 - the cache is empty and off until the subscription is confirmed, and is
   cleared and turned off again whenever the connection drops or stops
   answering pings;
 - a session that a message has ended leaves a tombstone, so a validation
   that raced the end cannot put the session back into the cache;
-- every entry is re-checked against Redis once per ``touch_interval``
-  (which also slides the idle timeout), and never outlives ``max_age``
-  or the session's own idle and absolute expiry.
+- every entry is re-checked against Redis once per ``recheck_after``
+  (which also slides the idle timeout, writing at most once per touch
+  interval), and never outlives the session's own idle and absolute expiry.
+
+Role changes are not published, so a cached principal keeps its old roles
+for up to ``recheck_after`` as well.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from authgrpc.store import SessionRecord, wall_clock_ms
 log = logging.getLogger("authgrpc.cache")
 
 SessionKey = tuple[str, str]
+MAX_STALENESS = 0.25
 
 
 @dataclass(slots=True)

@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "validation-cache",
         "on or off: keep validated sessions in memory; a session ended through "
-        "another replica may then be accepted for a few milliseconds more",
+        "another replica may then be accepted for up to 0.25 s more",
         default="off",
     )
     serve.add_argument(

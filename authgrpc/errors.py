@@ -162,7 +162,7 @@ def from_status(code: grpc.StatusCode, message: str, reason: str | None) -> Auth
         return PermissionDenied(message)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return Unauthenticated(Reason.TOKEN_MALFORMED, message)
-    return StoreUnavailable(f"auth service call failed: {code.name}: {message}")
+    return StoreUnavailable(f"auth service call failed: {code.name}")
 
 
 _CODES = {

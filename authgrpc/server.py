@@ -21,7 +21,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authgrpc.authenticator import Authenticator
-from authgrpc.cache import InvalidationListener, ValidationCache, subscriber_factory
+from authgrpc.cache import (
+    MAX_STALENESS,
+    InvalidationListener,
+    ValidationCache,
+    subscriber_factory,
+)
 from authgrpc.config import Settings
 from authgrpc.errors import AuthError, ConfigurationError
 from authgrpc.interceptor import AsyncAuthInterceptor
@@ -329,7 +334,7 @@ def _validation_cache(
     """Return the cache for the server's own validations, fed by every session end."""
     if not settings.validation_cache:
         return None, None
-    recheck = max(settings.touch_interval, 0.05)
+    recheck = min(max(settings.touch_interval, 0.05), MAX_STALENESS)
     cache = ValidationCache(recheck_after=recheck)
     if isinstance(store, MemoryStore):
         store.on_session_end = cache.invalidate

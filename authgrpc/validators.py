@@ -35,7 +35,12 @@ from typing import Any, Protocol
 import grpc
 import jwt
 
-from authgrpc.cache import InvalidationListener, ValidationCache, subscriber_factory
+from authgrpc.cache import (
+    MAX_STALENESS,
+    InvalidationListener,
+    ValidationCache,
+    subscriber_factory,
+)
 from authgrpc.errors import (
     ERROR_DOMAIN,
     AuthError,
@@ -425,7 +430,9 @@ def _start_cache(
     """Return a cache fed by the Redis session-end channel, or (None, None)."""
     if not enabled:
         return None, None
-    recheck = max(limits.touch_interval_ms / 1000, 0.05)
+    # Rechecking reads Redis but writes only once per touch interval, so the
+    # bound on staleness is kept apart from how often the idle timeout slides.
+    recheck = min(max(limits.touch_interval_ms / 1000, 0.05), MAX_STALENESS)
     cache = ValidationCache(recheck_after=recheck)
     factory = subscriber_factory(redis_url)
     listener = InvalidationListener(factory, KeyLayout(prefix).channel, cache).start()
@@ -469,7 +476,9 @@ def remote_error(error: grpc.RpcError) -> AuthError:
             info.reason if info is not None and info.domain == ERROR_DOMAIN else None
         )
         return from_status(code, details, reason)
-    return StoreUnavailable(f"auth service call failed: {code.name}: {details}")
+    # The details name internal addresses, which the caller must not see.
+    log.warning("auth service call failed: %s: %s", code.name, details)
+    return StoreUnavailable(f"auth service call failed: {code.name}")
 
 
 def validation_from(token: str, response: Any) -> Validation:

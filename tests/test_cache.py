@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
+import pytest
 import redis
 
 from authgrpc.cache import InvalidationListener, ValidationCache
@@ -233,3 +235,52 @@ async def _wait_async(condition: Any, timeout: float = 5.0) -> bool:
             return True
         await asyncio.sleep(0.01)
     return False
+
+
+async def test_lost_message_bounded_by_recheck(redis_url: str, prefix: str) -> None:
+    from authgrpc.cache import MAX_STALENESS
+    from authgrpc.errors import Reason, Unauthenticated
+    from authgrpc.redis_store import RedisStore
+    from authgrpc.store import NewSession, SessionLimits
+    from authgrpc.tokens import TokenIssuer
+    from authgrpc.validators import AsyncLocalValidator
+    from tests.conftest import make_keys
+
+    keys = make_keys()
+    store = RedisStore.from_url(redis_url, prefix=prefix)
+    limits = SessionLimits(idle_ms=60_000, absolute_ms=120_000)
+    user = await store.create_user("alice", "hash", ())
+    session = await store.create_session(user, NewSession(b"r" * 16, b"k" * 16), limits)
+    issuer = TokenIssuer(
+        keys, issuer="authgrpc", audience="authgrpc", lifetime_seconds=60
+    )
+    token = issuer.issue(user.user_id, session.session_id).token
+    validator = AsyncLocalValidator.from_url(
+        keys,
+        issuer="authgrpc",
+        audience="authgrpc",
+        redis_url=redis_url,
+        prefix=prefix,
+        idle_timeout=60,
+        touch_interval=30,
+        cache=True,
+    )
+    assert validator._listener is not None
+    validator._listener._apply = lambda data: None  # type: ignore[method-assign]
+    try:
+        assert await _wait_async(
+            lambda: validator.cache is not None and validator.cache.enabled
+        )
+        await validator.validate(token)
+
+        await store.end_session(user.user_id, session.session_id)
+        await asyncio.sleep(MAX_STALENESS + 0.05)
+
+        with pytest.raises(Unauthenticated) as refused:
+            await validator.validate(token)
+        assert refused.value.reason is Reason.SESSION_ENDED
+    finally:
+        await validator.close()
+        async for key in store.client.scan_iter(match=f"{prefix}:*"):
+            await store.client.delete(key)
+        await store.close()
