@@ -71,7 +71,11 @@ def _add_store_options(parser: argparse.ArgumentParser) -> None:
         "redis-url",
         "Redis URL: redis://, rediss://, redis+cluster:// or redis+sentinel://",
     )
-    _option(parser, "redis-prefix", "prefix of every Redis key", default="authgrpc")
+    _option(
+        parser,
+        "redis-prefix",
+        "prefix of every Redis key (default authgrpc; authgrpc-dev with serve --dev)",
+    )
     _option(
         parser,
         "redis-timeout",
@@ -354,7 +358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     The status is 0 on success, 1 when the command failed, and 2 for bad
     usage or configuration.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
+        parser.error(
+            f"--log-level must be DEBUG, INFO, WARNING or ERROR, not {args.log_level!r}"
+        )
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -385,7 +394,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         listen=args.listen,
         redis_url=args.redis_url or None,
-        redis_prefix=args.redis_prefix,
+        redis_prefix=args.redis_prefix or ("authgrpc-dev" if args.dev else "authgrpc"),
         redis_timeout=args.redis_timeout,
         signing_key=args.signing_key,
         algorithm=args.algorithm,
@@ -514,7 +523,9 @@ async def _with_store(
             "to reach the session store"
         )
     store = RedisStore.from_url(
-        args.redis_url, prefix=args.redis_prefix, timeout=args.redis_timeout
+        args.redis_url,
+        prefix=args.redis_prefix or "authgrpc",
+        timeout=args.redis_timeout,
     )
     try:
         return await handler(args, store)
@@ -528,8 +539,16 @@ def _read_password(from_stdin: bool) -> str:
         password = line[:-1] if line.endswith("\n") else line
         password = password[:-1] if password.endswith("\r") else password
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat password: ") != password:
+        if not sys.stdin.isatty():
+            raise CommandError(
+                "no terminal to prompt for the password on; use --password-stdin"
+            )
+        try:
+            password = getpass.getpass("Password: ")
+            repeated = getpass.getpass("Repeat password: ")
+        except EOFError:
+            raise CommandError("no password given") from None
+        if repeated != password:
             raise CommandError("the passwords do not match")
     try:
         check_new_password(password)

@@ -44,6 +44,7 @@ class Settings:
     metrics_listen: str | None = None
     refuse_evicting_redis: bool = False
     validation_cache: bool = False
+    reuse_port: bool = False
     dev: bool = False
 
     def __post_init__(self) -> None:
@@ -67,8 +68,11 @@ class Settings:
                 f"not {self.algorithm!r}"
             )
         host, _, port = self.listen.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigurationError(f"--listen must be HOST:PORT, not {self.listen!r}")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigurationError(
+                f"--listen must be HOST:PORT with a port up to 65535, "
+                f"not {self.listen!r}"
+            )
         positive = {
             "--access-token-ttl": self.access_token_ttl,
             "--idle-timeout": self.idle_timeout,
@@ -97,12 +101,19 @@ class Settings:
             raise ConfigurationError("--tls-cert and --tls-key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigurationError("--tls-client-ca needs --tls-cert and --tls-key")
+        for option, path in (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+        ):
+            if path is not None and not path.is_file():
+                raise ConfigurationError(f"{option} file {path} does not exist")
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise ConfigurationError(
-                    f"--trusted-proxy {proxy!r} is not an IP address or network"
+                    f"--trusted-proxies entry {proxy!r} is not an IP address or network"
                 ) from None
         if not self.dev:
             if self.signing_key is None:

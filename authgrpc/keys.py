@@ -338,9 +338,9 @@ def _load_private(path: Path, algorithm: str) -> PrivateKey | bytes:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         raise ConfigurationError(
-            f"{path} is not an unencrypted PEM private key; "
-            f"for {algorithm} create one with "
-            f"`authgrpc keys generate --algorithm {algorithm} --out {path}`"
+            f"{path} is not an unencrypted PEM private key for {algorithm}; "
+            "if it is an HS256 secret, pass --algorithm HS256, and otherwise "
+            f"create a key with `authgrpc keys generate --algorithm {algorithm}`"
         ) from None
     expected: dict[str, type] = {
         "EdDSA": ed25519.Ed25519PrivateKey,

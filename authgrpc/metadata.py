@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from urllib.parse import unquote
 
 from authgrpc.errors import Reason, Unauthenticated
 
@@ -55,7 +56,8 @@ def peer_address(peer: str) -> str:
     if kind == "ipv4":
         return rest.rpartition(":")[0]
     if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
+        # grpc percent-encodes the brackets: ipv6:%5B::1%5D:50051
+        return unquote(rest.rpartition(":")[0]).strip("[]")
     return peer
 
 

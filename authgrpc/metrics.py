@@ -10,6 +10,8 @@ import asyncio
 import logging
 from typing import Any
 
+from authgrpc.errors import ConfigurationError
+
 log = logging.getLogger("authgrpc.metrics")
 
 LIVE_SESSION_SCAN_INTERVAL = 60.0
@@ -111,9 +113,14 @@ class PrometheusMetrics(NullMetrics):
         from prometheus_client import start_http_server
 
         host, _, port = listen.rpartition(":")
-        server, _thread = start_http_server(
-            int(port), addr=host.strip("[]"), registry=self.registry
-        )
+        try:
+            server, _thread = start_http_server(
+                int(port), addr=host.strip("[]"), registry=self.registry
+            )
+        except (OSError, ValueError) as error:
+            raise ConfigurationError(
+                f"cannot serve metrics on --metrics-listen {listen}: {error}"
+            ) from None
         log.info("metrics served: address=%s path=/metrics", listen)
         return server
 

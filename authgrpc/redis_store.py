@@ -556,8 +556,23 @@ class RedisStore:
     def from_url(
         cls, url: str, *, prefix: str = "authgrpc", timeout: float = 1.0
     ) -> RedisStore:
-        """Connect to the Redis at ``url`` (see :func:`connect` for the schemes)."""
-        return cls(connect(url, timeout=timeout), KeyLayout(prefix))
+        """Connect to the Redis at ``url`` (see :func:`connect` for the schemes).
+
+        Raises ConfigurationError for a URL that cannot be parsed; the message
+        leaves the URL out, since it may carry a password.
+        """
+        try:
+            client = connect(url, timeout=timeout)
+        except ConfigurationError:
+            raise
+        except (
+            ValueError,
+            TypeError,
+            redis.exceptions.RedisError,
+            redis.exceptions.RedisClusterException,  # not a RedisError in redis-py 8
+        ) as error:
+            raise ConfigurationError(f"invalid Redis URL: {error}") from None
+        return cls(client, KeyLayout(prefix))
 
     async def ping(self) -> None:
         await guarded(self.client.ping())

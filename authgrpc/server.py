@@ -102,6 +102,14 @@ def _text(value: Any) -> str:
 async def check_eviction_policy(store: RedisStore, *, refuse: bool) -> None:
     """Warn, or with ``refuse`` raise, when Redis may evict sessions and counters."""
     try:
+        await guarded(store.client.dbsize())
+    except redis.exceptions.ResponseError as error:
+        # A reachable Redis that rejects the connection's set-up, such as a
+        # database index out of range, would fail every call later on.
+        raise ConfigurationError(f"Redis rejected the connection: {error}") from None
+    except AuthError:
+        pass  # unreachable for now: the health service reports it until it answers
+    try:
         reply = await guarded(store.client.config_get("maxmemory-policy"))
     except (AuthError, redis.exceptions.ResponseError) as error:
         # Managed Redis services often disable CONFIG; the check is advisory then.
@@ -280,7 +288,9 @@ async def start_server(
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_metadata_size", settings.max_metadata_bytes),
-            ("grpc.so_reuseport", 1),
+            # gRPC turns SO_REUSEPORT on by default, which would let a second
+            # server (a stray dev server, say) share the port unnoticed.
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ],
     )
     metrics = PrometheusMetrics() if settings.metrics_listen else NullMetrics()

@@ -1,7 +1,7 @@
 """Running several server processes on one port, so that every core serves calls.
 
 Each worker is a full server process. They share the listening port through
-SO_REUSEPORT (the ``grpc.so_reuseport`` option that every server sets), and
+SO_REUSEPORT (the ``grpc.so_reuseport`` option, set only for workers), and
 the kernel spreads new connections across them. They share sessions and
 counters through Redis, which is why more than one worker needs a Redis URL.
 The supervisor forwards SIGTERM, SIGINT and SIGHUP to every worker. When a
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -64,7 +65,13 @@ class Supervisor:
             )
         if settings.listen.endswith(":0"):
             raise ConfigurationError("--workers above 1 needs a fixed port in --listen")
-        self.settings = settings
+        if settings.metrics_listen is not None:
+            # TODO: serve the workers' metrics from one port, for example with
+            # prometheus-client's multiprocess mode.
+            raise ConfigurationError(
+                "--metrics-listen does not work with --workers above 1 yet"
+            )
+        self.settings = dataclasses.replace(settings, reuse_port=True)
         self.workers = workers
         self.log_level = log_level
         self.processes: list[BaseProcess] = []
