@@ -358,25 +358,28 @@ def _validation_cache(
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
-    if settings.tls_cert is None or settings.tls_key is None:
-        port = server.add_insecure_port(settings.listen)
-    else:
-        root = (
-            Path(settings.tls_client_ca).read_bytes()
-            if settings.tls_client_ca
-            else None
-        )
-        credentials = grpc.ssl_server_credentials(
-            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-            root_certificates=root,
-            require_client_auth=root is not None,
-        )
-        port = server.add_secure_port(settings.listen, credentials)
+    try:
+        port = _add_port(server, settings)
+    except RuntimeError:
+        # grpc.aio raises where the sync server returns 0.
+        port = 0
     if port == 0:
         raise ConfigurationError(
             f"cannot listen on {settings.listen}: the address is invalid or in use"
         )
     return int(port)
+
+
+def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return int(server.add_insecure_port(settings.listen))
+    root = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    credentials = grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=root,
+        require_client_auth=root is not None,
+    )
+    return int(server.add_secure_port(settings.listen, credentials))
 
 
 async def serve(

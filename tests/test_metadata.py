@@ -17,6 +17,7 @@ PROXIES = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
     [
         ("ipv4:192.0.2.1:5000", "192.0.2.1"),
         ("ipv6:[2001:db8::1]:5000", "2001:db8::1"),
+        ("ipv6:%5B::1%5D:5000", "::1"),
         ("unix:/run/authgrpc.sock", "unix:/run/authgrpc.sock"),
     ],
 )

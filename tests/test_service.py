@@ -593,3 +593,16 @@ async def test_metrics_served_when_enabled(
         await running.channel.close()
         await running.server.stop(0)
         await cleanup(RedisStore.from_url(redis_url, prefix=prefix), prefix)
+
+
+async def test_second_server_cannot_share_port(keys: KeySet) -> None:
+    from authgrpc.errors import ConfigurationError
+
+    first = await start_server(base_settings(), store=MemoryStore(), keys=keys)
+    try:
+        with pytest.raises(ConfigurationError) as refused:
+            settings = dataclasses.replace(base_settings(), listen=first.address)
+            await start_server(settings, store=MemoryStore(), keys=keys)
+        assert "in use" in refused.value.message
+    finally:
+        await first.server.stop(0)
