@@ -127,3 +127,20 @@ def test_grpcurl_client_runs_as_printed(greeter: subprocess.Popen[str]) -> None:
     assert result.stdout.count('"greeting"') == 4
     assert "Message: authorization metadata is missing" in result.stderr
     assert "Message: session has ended" in result.stderr
+
+
+def test_python_client_example_runs(greeter: subprocess.Popen[str]) -> None:
+    env = {**os.environ, "AUTHGRPC_PASSWORD": PASSWORD}
+    example = ROOT / "clients" / "python" / "example.py"
+
+    result = subprocess.run(
+        [sys.executable, str(example)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "demo" in result.stdout
+    assert "SESSION_ENDED" in result.stdout + result.stderr

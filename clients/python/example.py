@@ -3,7 +3,7 @@
 Start the auth service and the greeter first (see README.md in this folder),
 then run::
 
-    .venv/bin/python clients/python/example.py --username demo --password PASSWORD
+    AUTHGRPC_PASSWORD=PASSWORD .venv/bin/python clients/python/example.py
 
 Exits with 0 when every step behaved as expected, and 1 otherwise.
 """
@@ -11,6 +11,7 @@ Exits with 0 when every step behaved as expected, and 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
@@ -29,8 +30,15 @@ def parse_args() -> argparse.Namespace:
         "--greeter", default="127.0.0.1:50061", help="greeter HOST:PORT"
     )
     parser.add_argument("--username", default="demo", help="user to log in as")
-    parser.add_argument("--password", required=True, help="that user's password")
-    return parser.parse_args()
+    parser.add_argument(
+        "--password",
+        default=os.environ.get("AUTHGRPC_PASSWORD"),
+        help="that user's password; AUTHGRPC_PASSWORD keeps it out of the process list",
+    )
+    args = parser.parse_args()
+    if not args.password:
+        parser.error("pass --password or set AUTHGRPC_PASSWORD")
+    return args
 
 
 def describe(error: grpc.RpcError) -> str:
