@@ -158,9 +158,9 @@ class ValidationCache:
 class InvalidationListener:
     """Feeds a ValidationCache from the session-end channel, on a daemon thread.
 
-    The cache is enabled only while the subscription is confirmed and pings
-    are answered within ``ping_timeout`` seconds; on any failure it is
-    cleared, turned off, and the listener reconnects with backoff.
+    The cache is enabled only while the subscription is confirmed and each
+    ping gets a response within ``ping_timeout`` seconds. On any failure the
+    cache is cleared and turned off, and the listener reconnects with backoff.
     """
 
     def __init__(

@@ -106,7 +106,7 @@ class Throttled(CallerError):
 
 
 class StoreUnavailable(AuthError):
-    """The session store or the auth service did not answer in time."""
+    """The session store or the auth service did not respond in time."""
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = Reason.STORE_UNAVAILABLE

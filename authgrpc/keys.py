@@ -2,7 +2,7 @@
 
 A key set is either one PEM file (or, for HS256, one secret file) or a
 directory of them. In a directory each key file is named ``<kid>.pem``
-(``<kid>.secret`` for HS256) and the file ``active`` holds the kid of the
+(``<kid>.secret`` for HS256) and the file ``active`` contains the kid of the
 key that signs new tokens; every other key only verifies, until it is
 retired by deleting its file. A single file's kid is its RFC 7638 JWK
 thumbprint, truncated to 16 characters. An HS256 secret file holds the
@@ -353,7 +353,7 @@ def _load_private(path: Path, algorithm: str) -> PrivateKey | bytes:
         )
     if not isinstance(key, expected[algorithm]):
         raise ConfigurationError(
-            f"{path} holds a {type(key).__name__}, which cannot sign {algorithm}"
+            f"{path} contains a {type(key).__name__}, which cannot sign {algorithm}"
         )
     if isinstance(key, ec.EllipticCurvePrivateKey) and not isinstance(
         key.curve, ec.SECP256R1

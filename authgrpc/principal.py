@@ -16,7 +16,7 @@ class Principal:
     session_id: str
 
     def has_role(self, role: str) -> bool:
-        """Return whether the principal holds ``role``."""
+        """Return whether the principal has ``role``."""
         return role in self.roles
 
 

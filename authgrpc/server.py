@@ -108,7 +108,9 @@ async def check_eviction_policy(store: RedisStore, *, refuse: bool) -> None:
         # database index out of range, would fail every call later on.
         raise ConfigurationError(f"Redis rejected the connection: {error}") from None
     except AuthError:
-        pass  # unreachable for now: the health service reports it until it answers
+        # Unreachable for now. The health watcher logs it and reports
+        # NOT_SERVING until Redis responds; the policy goes unchecked.
+        return
     try:
         reply = await guarded(store.client.config_get("maxmemory-policy"))
     except (AuthError, redis.exceptions.ResponseError) as error:
@@ -221,9 +223,9 @@ class AuthServer:
         for task in self._tasks:
             task.cancel()
         await self.server.stop(self.settings.grace_period if grace is None else grace)
-        # Calls cut off at the end of the grace period finish their
-        # cancellation on later loop iterations; let them, so that none is
-        # still running when the loop closes.
+        # Calls cut off at the end of the grace period finish cancelling on
+        # later loop iterations. Waiting briefly lets them end before the
+        # loop closes.
         await asyncio.sleep(0.05)
         if self.metrics_http is not None:
             self.metrics_http.shutdown()

@@ -71,7 +71,7 @@ class SessionLimits:
 
 @dataclass(frozen=True, slots=True)
 class NewSession:
-    """What Login stores with a new session, beside the user it belongs to."""
+    """The fields that Login stores with a new session, beside its user."""
 
     refresh_hash: bytes = field(repr=False)
     rotation_key: bytes = field(repr=False)
@@ -90,7 +90,7 @@ class RefreshState:
 
 
 class RefreshOutcome(enum.Enum):
-    """What committing a refresh did."""
+    """The result of committing a refresh."""
 
     ROTATED = "rotated"
     REPLAYED = "replayed"
@@ -134,7 +134,7 @@ class ThrottlePolicy:
 
 
 class SessionStore(Protocol):
-    """What the service needs from a store. Every method may raise StoreUnavailable."""
+    """The store interface of the service. Every method may raise StoreUnavailable."""
 
     async def ping(self) -> None: ...
     async def close(self) -> None: ...

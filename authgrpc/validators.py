@@ -16,9 +16,10 @@ Two kinds exist, each in a sync and an asyncio flavour:
 
 Every validator takes ``timeout``, the caller's remaining time in seconds, and
 gives up with StoreUnavailable once it has passed. The local validators take
-``cache=True`` to keep recently validated sessions in memory; see
-:mod:`authgrpc.cache` for how the cache learns at once that a session has
-ended, and why it never answers from stale data when that channel is down.
+``cache=True`` to keep recently validated sessions in memory. A cached
+session ended by another process may be accepted until its end message
+arrives, for at most 0.25 s. :mod:`authgrpc.cache` explains the bound, and
+why the cache turns itself off while that channel is down.
 """
 
 from __future__ import annotations
@@ -82,13 +83,13 @@ class Validation:
 
 
 class Validator(Protocol):
-    """What the synchronous interceptor calls."""
+    """The validator interface of the synchronous interceptor."""
 
     def validate(self, token: str, timeout: float | None = None) -> Validation: ...
 
 
 class AsyncValidator(Protocol):
-    """What the asyncio interceptor calls."""
+    """The validator interface of the asyncio interceptor."""
 
     async def validate(
         self, token: str, timeout: float | None = None

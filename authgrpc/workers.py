@@ -6,7 +6,7 @@ the kernel spreads new connections across them. They share sessions and
 counters through Redis, which is why more than one worker needs a Redis URL.
 The supervisor forwards SIGTERM, SIGINT and SIGHUP to every worker. When a
 worker exits on its own, the supervisor stops the others and exits with
-status 1, so that a process manager sees the failure and restarts the group.
+status 1, so that a process manager detects the failure and restarts the group.
 A worker whose supervisor dies shuts itself down within about a second.
 """
 

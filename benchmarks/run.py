@@ -3,7 +3,7 @@
 Everything runs on 127.0.0.1: two private redis-server processes (one with
 about 10 thousand live sessions, one with a million), an auth service on
 each, and one process per variant of a protected no-op service. The load
-comes from separate worker processes (see loadgen.py). Every answer's
+comes from separate worker processes (see loadgen.py). Every response's
 status is checked; any unexpected status fails the run with exit status 1.
 The targets are ratios against rows measured in the same run, printed as
 PASS or MISS, and never fail the run.
@@ -738,7 +738,12 @@ def main(argv: list[str] | None = None) -> int:
     # grpcio logs each connection that a server closes at shutdown; only
     # errors matter here. Children inherit the setting.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    mode = MODES["smoke" if arguments.smoke else "quick" if arguments.quick else "full"]
+    mode_name = "full"
+    if arguments.smoke:
+        mode_name = "smoke"
+    elif arguments.quick:
+        mode_name = "quick"
+    mode = MODES[mode_name]
     if arguments.profile:
         arguments.profile.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

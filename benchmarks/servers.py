@@ -52,7 +52,7 @@ VALIDATOR_KINDS = ("none", "public", "local", "remote", "cached", "signature")
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """What one benchmark server process runs."""
+    """The description of what one benchmark server process runs."""
 
     kind: str  # "auth", or one of VALIDATOR_KINDS for the no-op service
     redis_url: str
@@ -244,7 +244,7 @@ def _wait_for_stop(conn: Connection) -> None:
 
 
 def run_server(spec: ServerSpec, conn: Connection) -> None:
-    """Process entry point: serve ``spec`` until the parent says stop."""
+    """Process entry point: serve ``spec`` until the parent tells it to stop."""
     logging.basicConfig(level=logging.WARNING)
     try:
         asyncio.run(_serve(spec, conn))
