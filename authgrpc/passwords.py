@@ -2,7 +2,7 @@
 
 Sizes are checked in bytes before any normalization or hashing, so an
 oversized input costs nothing. Hashing runs in a bounded pool of threads
-at the lowest CPU priority, one per core but one. argon2-cffi releases the
+at the idle scheduling priority, one per core but one. argon2-cffi releases the
 GIL while it hashes, so validations keep running on the event loop.
 """
 
@@ -72,14 +72,33 @@ def default_hash_workers() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def default_hasher() -> argon2.PasswordHasher:
+    """Return argon2id with t=3, m=64 MiB and one lane.
+
+    That is above the OWASP password storage cheat sheet's minimum (m=19 MiB,
+    t=2, p=1) on every parameter. RFC 9106's low-memory profile takes four
+    lanes, and argon2 then starts four threads per hash, which spread over
+    every core and slow the event loop's core down during a burst of
+    logins. One lane keeps each hash on its own thread. Hashes made with
+    other parameters still verify, and ``needs_rehash`` flags them.
+    """
+    return argon2.PasswordHasher(time_cost=3, memory_cost=64 * 1024, parallelism=1)
+
+
 def _lower_thread_priority() -> None:
-    """Run the calling hashing thread at the lowest CPU priority (nice 19).
+    """Run the calling hashing thread only when a core would otherwise idle.
 
     A hash keeps a core busy for about a fifth of a second with the GIL
     released, so at normal priority a burst of logins starves the event loop
-    that serves validations. On Linux, nice applies to the calling thread.
+    that serves validations. On Linux the policy applies to the calling
+    thread, and the threads that argon2 starts for its lanes inherit it.
+    SCHED_IDLE yields to any normal thread at once; nice 19 is the fallback
+    where it is missing.
     """
-    # Off Linux, or where it is not permitted, hashing runs at normal priority.
+    # Off Linux, or where neither is permitted, hashing runs at normal priority.
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
@@ -87,16 +106,15 @@ def _lower_thread_priority() -> None:
 class PasswordHasher:
     """argon2id hashing with a bounded pool of worker threads.
 
-    The default parameters are argon2-cffi's RFC 9106 low-memory profile
-    (t=3, m=64 MiB, p=4), which the OWASP password storage cheat sheet
-    accepts. ``verify`` against a fixed dummy hash when the user is unknown,
-    so that unknown users and wrong passwords take the same time.
+    The default parameters (:func:`default_hasher`) are argon2id with t=3,
+    m=64 MiB and p=1. ``verify`` against a fixed dummy hash when the user is
+    unknown, so that unknown users and wrong passwords take the same time.
     """
 
     def __init__(
         self, hasher: argon2.PasswordHasher | None = None, workers: int | None = None
     ):
-        self._hasher = hasher or argon2.PasswordHasher()
+        self._hasher = hasher or default_hasher()
         self._pool = ThreadPoolExecutor(
             max_workers=workers or default_hash_workers(),
             thread_name_prefix="argon2",

@@ -159,6 +159,18 @@ class TokenVerifier:
 
     def verify(self, token: str, *, verify_exp: bool = True) -> Claims:
         """Return the claims of a valid token, or raise Unauthenticated with why."""
+        if verify_exp:
+            # The cache holds only tokens that passed every check below.
+            with self._lock:
+                cached = self._cache.get(token)
+                if cached is not None:
+                    self._cache.move_to_end(token)
+            if cached is not None:
+                if cached.expires_at + self.leeway_seconds <= time.time():
+                    raise Unauthenticated(
+                        Reason.TOKEN_EXPIRED, "access token has expired"
+                    )
+                return cached
         if not token:
             raise Unauthenticated(Reason.TOKEN_MISSING, "access token is missing")
         if len(token) > self.max_token_bytes:
@@ -171,17 +183,6 @@ class TokenVerifier:
                 Reason.TOKEN_MALFORMED,
                 "access token must be three base64url segments without padding",
             )
-        if verify_exp:
-            with self._lock:
-                cached = self._cache.get(token)
-                if cached is not None:
-                    self._cache.move_to_end(token)
-            if cached is not None:
-                if cached.expires_at + self.leeway_seconds <= time.time():
-                    raise Unauthenticated(
-                        Reason.TOKEN_EXPIRED, "access token has expired"
-                    )
-                return cached
         claims = self._decode(token, verify_exp=verify_exp)
         if verify_exp:
             with self._lock:
