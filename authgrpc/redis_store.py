@@ -593,7 +593,12 @@ class RedisStore:
     async def close(self) -> None:
         if self._checks is not None:
             await self._checks.close()
-        await self.client.aclose()
+        if isinstance(self.client, aioredis.Redis):
+            # A client built on a pool it was given leaves that pool's
+            # connections open unless told to close them.
+            await self.client.aclose(close_connection_pool=True)
+        else:
+            await self.client.aclose()
 
     async def create_user(
         self, username: str, password_hash: str, roles: tuple[str, ...]
