@@ -32,7 +32,7 @@ proto-check: install
 lint: install proto-check
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy authgrpc
+	$(BIN)/mypy authgrpc benchmarks
 	$(BUF) lint
 	$(BIN)/python tools/check_breaking.py
 

@@ -59,7 +59,7 @@ class JobResult:
 
     count: int = 0
     elapsed_s: float = 0.0
-    latencies_ns: array = field(default_factory=lambda: array("q"))
+    latencies_ns: array[int] = field(default_factory=lambda: array("q"))
     mismatches: int = 0
     mismatch_examples: list[str] = field(default_factory=list)
     cpu_s: float = 0.0

@@ -26,7 +26,7 @@ ROW_TITLES = {
     "remote": "protected no-op, AsyncRemoteValidator",
     "cached": "protected no-op, local validator + cache",
     "signature": "protected no-op, signature only (stateless)",
-    "login": "Login, argon2id defaults, during the burst",
+    "login": "Login, argon2id t=3 m=64 MiB p=1, in the burst",
     "validate_idle": "ValidateSession paced, idle",
     "validate_burst": "ValidateSession paced, during the login burst",
     "validate_small": "ValidateSession serial, {small} live sessions",
@@ -133,8 +133,6 @@ def table(rows: dict[str, Row], facts: dict[str, Any], servers: dict[str, str]) 
         title = title.format(
             small=f"{facts['live_sessions']:,}", large=f"{facts['large_sessions']:,}"
         )
-        if key == "cached":
-            title += f" ({facts['cache_wiring']})"
         lines.append(
             [
                 title,
@@ -169,8 +167,9 @@ def table(rows: dict[str, Row], facts: dict[str, Any], servers: dict[str, str]) 
             "-",
             "-",
             "-",
-            f"{memory['delta_per_session']:.0f} B (used_memory delta over "
-            f"{memory['sessions']:,} sessions)",
+            f"{memory['delta_per_session']:.0f} B new, "
+            f"{memory['after_refresh']:.0f} B after a refresh (used_memory "
+            f"delta over {memory['sessions']:,} sessions)",
         ]
     )
     return render(header, lines)
@@ -235,11 +234,10 @@ def details(facts: dict[str, Any]) -> list[str]:
     memory = facts["memory"]
     revocation = facts["revocation"]
     return [
-        f"MEMORY USAGE (SAMPLES 0), mean of 100 sessions: session hash "
-        f"{memory['session_key']:.0f} B, user hash (record and index) "
-        f"{memory['index_key']:.0f} B; "
-        f"a session key name is {memory['key_name_bytes']} B and its "
-        f"{memory['fields']} fields and values {memory['value_bytes']} B",
+        f"MEMORY USAGE (SAMPLES 0), mean of 100 refreshed sessions: session "
+        f"hash {memory['session_key']:.0f} B, user hash (record and index) "
+        f"{memory['index_key']:.0f} B; each session keeps peer "
+        f"{memory['peer']!r} and a {len(memory['user_agent'])}-byte user agent",
         f"large population: {facts['large_keys']:,} keys, used_memory "
         f"{facts['large_used_memory'] / 2**20:,.0f} MiB, loaded in "
         f"{facts['populate_s']:.1f} s",

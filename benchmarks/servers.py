@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -96,51 +95,6 @@ class SignatureOnlyValidator:
         return Validation(principal, session, claims)
 
 
-class CachedLocalValidator:
-    """AsyncLocalValidator with a ValidationCache in front of its Redis lookup.
-
-    NOTE: the package's validators take no cache yet, so the benchmark wires
-    the cache in here. :func:`cached_validator` uses the validator's own
-    ``cache`` argument instead as soon as AsyncLocalValidator accepts one.
-    """
-
-    def __init__(self, inner: AsyncLocalValidator, cache: ValidationCache):
-        self.inner = inner
-        self.cache = cache
-
-    async def validate(self, token: str, timeout: float | None = None) -> Validation:
-        claims = self.inner.verifier.verify(token)
-        session = self.cache.lookup(claims.user_id, claims.session_id)
-        if session is None:
-            epoch = self.cache.epoch()
-            session = await self.inner._live_session(claims, timeout)
-            self.cache.store(session, epoch)
-        principal = Principal(
-            session.user_id, session.username, session.roles, session.session_id
-        )
-        return Validation(principal, session, claims)
-
-
-def cached_validator_wiring() -> str:
-    """Return who puts the cache in front of the local validator: package or bench."""
-    if "cache" in inspect.signature(AsyncLocalValidator).parameters:
-        return "package"
-    return "benchmark wrapper"
-
-
-def cached_validator(
-    verifier: TokenVerifier, store: RedisStore, cache: ValidationCache
-) -> tuple[Any, str]:
-    """Return a cache-enabled local validator and who wired the cache in."""
-    defaults = Settings(dev=True)
-    limits = session_limits(defaults.idle_timeout, defaults.touch_interval)
-    if "cache" in inspect.signature(AsyncLocalValidator).parameters:
-        builtin: Any = AsyncLocalValidator
-        return builtin(verifier, store, limits, cache=cache), "package"
-    inner = AsyncLocalValidator(verifier, store, limits)
-    return CachedLocalValidator(inner, cache), "benchmark wrapper"
-
-
 def _verifier(key_path: Path) -> TokenVerifier:
     keys = load_verification_keys(key_path)
     return TokenVerifier(keys, issuer=ISSUER, audience=AUDIENCE)
@@ -169,7 +123,8 @@ def _validator(spec: ServerSpec) -> tuple[Any, Callable[[], None]]:
     listener.start()
     if not listener.wait_connected(10):
         raise RuntimeError("the invalidation listener did not subscribe within 10 s")
-    validator, _ = cached_validator(verifier, store, cache)
+    limits = session_limits(defaults.idle_timeout, defaults.touch_interval)
+    validator = AsyncLocalValidator(verifier, store, limits, cache=cache)
     return validator, listener.stop
 
 

@@ -281,6 +281,20 @@ def used_memory(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
 
 
+def settled_used_memory(client: redis.Redis, timeout: float = 10.0) -> int:
+    """Return ``used_memory`` once ``client`` is the only connection left.
+
+    Each connection holds buffers of several kilobytes until Redis has seen
+    it close, which happens after the closing side has moved on.
+    """
+    deadline = time.monotonic() + timeout
+    while int(client.info("clients")["connected_clients"]) > 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError("other connections to the private Redis stayed open")
+        time.sleep(0.01)
+    return used_memory(client)
+
+
 def memory_usage(client: redis.Redis, keys: list[str]) -> list[int]:
     """Return MEMORY USAGE of each key with every nested value counted (SAMPLES 0)."""
     return [int(client.memory_usage(key, samples=0) or 0) for key in keys]
@@ -352,13 +366,13 @@ def _measure(
             )
         finally:
             await store.close()
-        readings.append(used_memory(client))
+        readings.append(settled_used_memory(client))
         store = RedisStore.from_url(server.url, timeout=30)
         try:
             await refresh_sessions(store, refs, limits)
         finally:
             await store.close()
-        readings.append(used_memory(client))
+        readings.append(settled_used_memory(client))
         return refs
 
     # The first runs of the scripts allocate about 100 kB that stays (the
@@ -369,7 +383,7 @@ def _measure(
     user_ids = populate_users(client, layout.prefix, password_hash, users)
     picked_users = [layout.user(uid) for uid in user_ids[:100]]
     user_before = memory_usage(client, picked_users)
-    readings = [used_memory(client)]
+    readings = [settled_used_memory(client)]
     refs = asyncio.run(create_then_refresh(user_ids, readings))
     before, created, refreshed = readings
     count = users * per_user
