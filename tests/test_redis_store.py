@@ -59,3 +59,27 @@ async def test_batch_survives_script_flush(store: RedisStore) -> None:
     )
 
     assert all(result is not None for result in results)
+
+
+async def test_close_closes_every_connection(redis_url: str, prefix: str) -> None:
+    observer = RedisStore.from_url(redis_url, prefix=prefix)
+    # A client name is a URL option, so this store runs every command,
+    # session checks included, on redis-py's pool.
+    named = f"{redis_url}?client_name={prefix}-closing"
+    subject = RedisStore.from_url(named, prefix=prefix)
+    user = await subject.create_user("closing", "hash", ())
+    await asyncio.gather(*(subject.get_user(user.user_id) for _ in range(8)))
+
+    async def named_connections() -> int:
+        listing = await observer.client.client_list()
+        return sum(1 for client in listing if client["name"] == f"{prefix}-closing")
+
+    assert await named_connections() > 0
+    await subject.close()
+    for _ in range(100):
+        if await named_connections() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await named_connections() == 0
+    await observer.client.delete(*await observer.client.keys(f"{prefix}:*"))
+    await observer.close()
