@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 import argon2
 import pytest
 
 from authgrpc.errors import InvalidArgument
-from authgrpc.passwords import PasswordHasher, check_new_password, normalize_username
+from authgrpc.passwords import (
+    PasswordHasher,
+    check_new_password,
+    default_hasher,
+    normalize_username,
+)
 
 FAST = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 DUMMY_PLAINTEXT = "dummy password for timing equalization"
@@ -65,3 +73,23 @@ def test_short_new_password_rejected() -> None:
         check_new_password("short")
 
     assert caught.value.field == "password"
+
+
+async def test_hashing_threads_run_at_idle_priority() -> None:
+    hasher = PasswordHasher(FAST, workers=1)
+    try:
+        policy = await asyncio.get_running_loop().run_in_executor(
+            hasher._pool, os.sched_getscheduler, 0
+        )
+    finally:
+        hasher.close()
+    assert policy == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_default_parameters_hash_on_one_lane() -> None:
+    parameters = argon2.extract_parameters(default_hasher().hash("a password"))
+    assert parameters.parallelism == 1
+    assert parameters.memory_cost >= 19 * 1024
+    assert parameters.time_cost >= 2
+    assert parameters.type is argon2.Type.ID
