@@ -10,21 +10,22 @@ Key layout, with ``P`` the configurable prefix (default ``authgrpc``)::
     P:{u:<user_id>}:pw          string: the password hash
     P:{u:<user_id>}:s:<sid>     hash: t lifetime (absolute expiry minus
                                 creation time), l last seen minus creation
-                                time, r/p current and previous refresh-token
-                                hash, q grace end, i peer, u user agent. Its
-                                TTL is the idle timeout, capped at the
-                                absolute expiry.
+                                time, r current refresh-token hash (12
+                                bytes), p the first 8 bytes of the previous
+                                one, q grace end minus creation time, i peer,
+                                u user agent. Its TTL is the idle timeout,
+                                capped at the absolute expiry.
     P:{n:<username>}            string: the user id for a username
     P:users                     set of every username
     P:{t:<kind>:<value>}        hash: failed-login counter and lockout
     P:ended                     pub/sub channel: "<user_id> <session_id>" for
                                 every session that ends before its time
 
-The index values and ``q`` are Unix milliseconds, and ``t`` and ``l`` are
+The index values are Unix milliseconds, and ``t``, ``l`` and ``q`` are
 durations in milliseconds. The session hash keeps those offsets, and leaves
 the absolute expiry to the index, so that listpack stores them as integers
 of 4 bytes or less. A new session with an IPv4 peer and a 48-byte user
-agent then fits a 112-byte listpack allocation, and 160 bytes once its
+agent then fits a 112-byte listpack allocation, and 128 bytes once its
 first refresh adds ``p`` and ``q``.
 
 Session ids are 22 characters and every user field name is one character,
@@ -73,6 +74,7 @@ from authgrpc import refresh
 from authgrpc.errors import ConfigurationError, StoreUnavailable
 from authgrpc.resp import Script, ScriptConnection
 from authgrpc.store import (
+    PREVIOUS_HASH_BYTES,
     NewSession,
     RefreshOutcome,
     RefreshState,
@@ -238,17 +240,20 @@ return out
 """
 )
 
-# KEYS: session, user.
+# KEYS: session, user. ARGV: session id.
 READ_REFRESH_STATE = """
-local s = redis.call('HMGET', KEYS[1], 'r', 'p', 'q')
+local s = redis.call('HMGET', KEYS[1], 'r', 'p', 'q', 't')
 if not s[1] then return false end
-local k = redis.call('HGET', KEYS[2], 'k')
-if not k then return false end
-return {k, s[1], s[2] or '', s[3] or '0'}
+local u = redis.call('HMGET', KEYS[2], 'k', ARGV[1])
+if not u[1] or not u[2] then return false end
+local grace = 0
+if s[3] then grace = tonumber(u[2]) - tonumber(s[4]) + tonumber(s[3]) end
+return {u[1], s[1], s[2] or '', grace}
 """
 
 # KEYS: session, user. ARGV: presented hash, new hash, grace ms, idle ms,
-# channel, user id, session id.
+# channel, user id, session id, the presented hash's first
+# PREVIOUS_HASH_BYTES.
 COMMIT_REFRESH = (
     _NOW
     + """
@@ -262,12 +267,14 @@ if not absolute or absolute <= now then
   redis.call('HDEL', KEYS[2], ARGV[7])
   return {'ended'}
 end
+local created = absolute - tonumber(s[4])
 local outcome
 if s[1] == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'r', ARGV[2], 'p', ARGV[1], 'q', now + tonumber(ARGV[3]))
+  redis.call('HSET', KEYS[1], 'r', ARGV[2], 'p', ARGV[8],
+    'q', now + tonumber(ARGV[3]) - created)
   outcome = 'rotated'
-elseif s[2] and s[2] == ARGV[1] then
-  if now < tonumber(s[3]) and s[1] == ARGV[2] then
+elseif s[2] and s[2] == ARGV[8] then
+  if now < created + tonumber(s[3]) and s[1] == ARGV[2] then
     outcome = 'replayed'
   else
     redis.call('DEL', KEYS[1])
@@ -278,7 +285,6 @@ elseif s[2] and s[2] == ARGV[1] then
 else
   return {'invalid'}
 end
-local created = absolute - tonumber(s[4])
 local ttl = math.min(tonumber(ARGV[4]), absolute - now)
 redis.call('HSET', KEYS[1], 'l', now - created)
 redis.call('PEXPIRE', KEYS[1], ttl)
@@ -808,7 +814,7 @@ class RedisStore:
         self, user_id: str, session_id: str
     ) -> RefreshState | None:
         keys = [self.keys.session(user_id, session_id), self.keys.user(user_id)]
-        state = await guarded(self._read_refresh(keys=keys, args=[]))
+        state = await guarded(self._read_refresh(keys=keys, args=[session_id]))
         if not state:
             return None
         rotation_key, current, previous, grace = state
@@ -832,6 +838,7 @@ class RedisStore:
             self.keys.channel,
             user_id,
             session_id,
+            presented_hash[:PREVIOUS_HASH_BYTES],
         ]
         result = await guarded(self._commit_refresh(keys=keys, args=args))
         outcome = RefreshOutcome(_text(result[0]))

@@ -79,6 +79,12 @@ class NewSession:
     user_agent: str = ""
 
 
+# The store keeps this many bytes of the previous refresh hash. It only
+# recognizes a rotated-away token, and a replay within the grace window must
+# also match the current hash in full, so 64 bits are enough.
+PREVIOUS_HASH_BYTES = 8
+
+
 @dataclass(frozen=True, slots=True)
 class RefreshState:
     """The refresh-token fields of a session, for deciding what a Refresh means."""
@@ -366,11 +372,14 @@ class MemoryStore:
         state = stored.refresh
         if secrets.compare_digest(presented_hash, state.current_hash):
             stored.refresh = RefreshState(
-                state.rotation_key, new_hash, presented_hash, now + grace_ms
+                state.rotation_key,
+                new_hash,
+                presented_hash[:PREVIOUS_HASH_BYTES],
+                now + grace_ms,
             )
             outcome = RefreshOutcome.ROTATED
         elif state.previous_hash and secrets.compare_digest(
-            presented_hash, state.previous_hash
+            presented_hash[:PREVIOUS_HASH_BYTES], state.previous_hash
         ):
             if now >= state.grace_until_ms or not secrets.compare_digest(
                 new_hash, state.current_hash

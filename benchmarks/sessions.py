@@ -268,7 +268,7 @@ async def refresh_sessions(
             ref.user_id,
             ref.session_id,
             ref.refresh_hash,
-            os.urandom(16),
+            refresh.RefreshToken("", "", os.urandom(32)).stored_hash,
             10_000,
             limits,
         )

@@ -10,6 +10,7 @@ import pytest
 
 from authgrpc.redis_store import RedisStore
 from authgrpc.store import (
+    PREVIOUS_HASH_BYTES,
     MemoryStore,
     NewSession,
     RefreshOutcome,
@@ -319,6 +320,21 @@ async def test_refresh_replay_within_grace(subject: StoreUnderTest) -> None:
     assert record is not None
     assert unknown is RefreshOutcome.INVALID
     assert await subject.store.validate_session(*args, LIMITS) is not None
+
+
+async def test_refresh_state_after_rotation(subject: StoreUnderTest) -> None:
+    user = await subject.store.create_user("alice", "hash", ())
+    session = await subject.store.create_session(user, new_session(b"a"), LIMITS)
+    args = (user.user_id, session.session_id)
+    before = wall_clock_ms()
+
+    await subject.store.commit_refresh(*args, b"a" * 16, b"b" * 16, 10_000, LIMITS)
+    state = await subject.store.get_refresh_state(*args)
+
+    assert state is not None
+    assert state.current_hash == b"b" * 16
+    assert state.previous_hash == b"a" * PREVIOUS_HASH_BYTES
+    assert before + 9_000 <= state.grace_until_ms <= wall_clock_ms() + 11_000
 
 
 async def test_concurrent_refresh_yields_one_token(subject: StoreUnderTest) -> None:
