@@ -152,7 +152,7 @@ return {1, now, absolute, now + idle, u[1], u[4] or ''}
 VALIDATE_SESSION = (
     _NOW
     + """
-local s = redis.call('HMGET', KEYS[1], 't', 'l')
+local s = redis.call('HMGET', KEYS[1], 't', 'l', 'i', 'u')
 if not s[1] then return false end
 local u = redis.call('HMGET', KEYS[2], 'n', 'd', 'r', ARGV[3])
 if not u[1] or u[2] == '1' then return false end
@@ -173,7 +173,7 @@ if now - last >= tonumber(ARGV[2]) then
 else
   ttl = redis.call('PTTL', KEYS[1])
 end
-return {created, absolute, last, now + ttl, u[1], u[3] or ''}
+return {created, absolute, last, now + ttl, u[1], u[3] or '', s[3] or '', s[4] or ''}
 """
 )
 
@@ -257,7 +257,7 @@ return {u[1], s[1], s[2] or '', grace}
 COMMIT_REFRESH = (
     _NOW
     + """
-local s = redis.call('HMGET', KEYS[1], 'r', 'p', 'q', 't')
+local s = redis.call('HMGET', KEYS[1], 'r', 'p', 'q', 't', 'i', 'u')
 if not s[1] then return {'ended'} end
 local u = redis.call('HMGET', KEYS[2], 'n', 'd', 'r', ARGV[7])
 if not u[1] or u[2] == '1' then return {'ended'} end
@@ -288,7 +288,8 @@ end
 local ttl = math.min(tonumber(ARGV[4]), absolute - now)
 redis.call('HSET', KEYS[1], 'l', now - created)
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {outcome, created, absolute, now, now + ttl, u[1], u[3] or ''}
+return {outcome, created, absolute, now, now + ttl, u[1], u[3] or '', s[5] or '',
+  s[6] or ''}
 """
 )
 
@@ -878,6 +879,7 @@ def _validated(user_id: str, session_id: str, result: Any) -> SessionRecord | No
     if not result:
         return None
     created, absolute, last, idle, username, roles = result[:6]
+    peer, user_agent = result[6:8] if len(result) >= 8 else ("", "")
     return SessionRecord(
         session_id=session_id,
         user_id=user_id,
@@ -887,6 +889,8 @@ def _validated(user_id: str, session_id: str, result: Any) -> SessionRecord | No
         absolute_expiry_ms=int(absolute),
         idle_expiry_ms=int(idle),
         last_seen_ms=int(last),
+        peer=_text(peer),
+        user_agent=_text(user_agent),
     )
 
 

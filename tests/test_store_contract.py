@@ -421,3 +421,20 @@ async def test_password_hash_replaced_only_if_unchanged(
     fetched = await subject.store.get_user_by_name("alice")
     assert fetched is not None
     assert fetched.password_hash == "new"
+
+
+async def test_validation_and_refresh_report_peer_and_agent(
+    subject: StoreUnderTest,
+) -> None:
+    user = await subject.store.create_user("alice", "hash", ())
+    session = await subject.store.create_session(user, new_session(b"a"), LIMITS)
+    args = (user.user_id, session.session_id)
+
+    validated = await subject.store.validate_session(*args, LIMITS)
+    _, refreshed = await subject.store.commit_refresh(
+        *args, b"a" * 16, b"b" * 16, 10_000, LIMITS
+    )
+
+    assert validated is not None and refreshed is not None
+    assert (validated.peer, validated.user_agent) == ("127.0.0.1", "test-agent")
+    assert (refreshed.peer, refreshed.user_agent) == ("127.0.0.1", "test-agent")
