@@ -31,6 +31,16 @@ MAX_USER_AGENT_BYTES = 64
 _BAD_CREDENTIALS = "invalid username or password"
 
 
+def username_throttle_key(name: str) -> str:
+    """Return the store key of the failed-login counter of a normalized username."""
+    return f"u:{name}"
+
+
+def peer_throttle_key(peer: str) -> str:
+    """Return the store key of the failed-login counter of a peer address."""
+    return f"ip:{peer}"
+
+
 @dataclass(frozen=True, slots=True)
 class LoginResult:
     """The tokens and session that a successful login or refresh produced."""
@@ -74,7 +84,7 @@ class Authenticator:
         """
         name = normalize_username(username)
         check_password_size(password)
-        user_key, peer_key = f"u:{name}", f"ip:{peer}"
+        user_key, peer_key = username_throttle_key(name), peer_throttle_key(peer)
         await self._acquire_attempt(user_key, peer_key, name, peer)
         user = await self.store.get_user_by_name(name)
         usable = user is not None and not user.disabled

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from authgrpc.authenticator import peer_throttle_key, username_throttle_key
 from authgrpc.config import Settings
 from authgrpc.errors import AuthError, ConfigurationError, InvalidArgument
 from authgrpc.keys import (
@@ -288,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     roles.add_argument("name")
     roles.add_argument("roles", nargs="*")
     user.add_parser("list", help="list users")
+    unlock = user.add_parser(
+        "unlock", help="clear the failed logins and lockout of a username or peer"
+    )
+    unlock.add_argument("name", nargs="?", help="the username to unlock")
+    unlock.add_argument(
+        "--peer",
+        metavar="ADDRESS",
+        help="a peer address to unlock, as the `login throttled` log line shows it",
+    )
     for sub in user.choices.values():
         _add_store_options(sub)
 
@@ -600,13 +610,26 @@ async def _user(args: argparse.Namespace, store: SessionStore) -> int:
             user = await _find_user(store, args.name)
             await store.set_disabled(user.user_id, False)
             print(f"enabled {user.username}")
+        elif args.action == "unlock":
+            if args.name is None and args.peer is None:
+                raise CommandError("name a username, or a peer address with --peer")
+            if args.name is not None:
+                name = _normalized(args.name)
+                await store.throttle_reset(username_throttle_key(name))
+                print(f"cleared the failed logins of username {name}")
+            if args.peer is not None:
+                await store.throttle_reset(peer_throttle_key(args.peer))
+                print(f"cleared the failed logins of peer {args.peer}")
         elif args.action == "roles":
             user = await _find_user(store, args.name)
             await store.set_roles(user.user_id, tuple(args.roles))
             roles = ", ".join(args.roles) or "(none)"
             print(f"set the roles of {user.username} to {roles}")
         else:
-            for user in await store.list_users():
+            users = await store.list_users()
+            if not users:
+                print("no users", file=sys.stderr)
+            for user in users:
                 state = "disabled" if user.disabled else "active"
                 print(
                     f"{user.username}\t{user.user_id}\t{state}\t{','.join(user.roles)}"
@@ -619,7 +642,10 @@ async def _user(args: argparse.Namespace, store: SessionStore) -> int:
 async def _session(args: argparse.Namespace, store: SessionStore) -> int:
     user = await _find_user(store, args.name)
     if args.action == "list":
-        for record in await store.list_sessions(user.user_id):
+        records = await store.list_sessions(user.user_id)
+        if not records:
+            print(f"{user.username} has no live sessions", file=sys.stderr)
+        for record in records:
             columns = [
                 record.session_id,
                 f"created {_iso(record.created_ms)}",

@@ -354,3 +354,43 @@ def list_quietly(stream: object) -> None:
     with contextlib.suppress(grpc.RpcError):
         for _ in stream:  # type: ignore[attr-defined]
             pass
+
+
+def test_unlock_clears_a_lockout(env: dict[str, str]) -> None:
+    run("keys", "generate", "--out", env["AUTHGRPC_SIGNING_KEY"], env=env)
+    run("user", "add", "alice", "--password-stdin", env=env, stdin=PASSWORD)
+    server = Server(env, "--login-max-failures", "2")
+    try:
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError):
+                login(server.address, "alice", "a wrong passphrase")
+        with pytest.raises(grpc.RpcError) as locked:
+            login(server.address, "alice", PASSWORD)
+        by_name = run("user", "unlock", "Alice", env=env)
+        with pytest.raises(grpc.RpcError) as by_peer_still:
+            login(server.address, "alice", PASSWORD)
+        by_peer = run("user", "unlock", "--peer", "127.0.0.1", env=env)
+        unlocked = login(server.address, "alice", PASSWORD)
+        neither = run("user", "unlock", env=env)
+    finally:
+        server.stop()
+
+    assert locked.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert by_name.returncode == 0
+    assert "username alice" in by_name.stdout
+    assert by_peer_still.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert by_peer.returncode == 0
+    assert unlocked.session.session_id
+    assert neither.returncode != 0
+    assert "--peer" in neither.stderr
+
+
+def test_empty_lists_say_so(env: dict[str, str]) -> None:
+    users = run("user", "list", env=env)
+    run("user", "add", "alice", "--password-stdin", env=env, stdin=PASSWORD)
+    sessions = run("session", "list", "alice", env=env)
+
+    assert (users.returncode, users.stdout, users.stderr.strip()) == (0, "", "no users")
+    assert sessions.returncode == 0
+    assert sessions.stdout == ""
+    assert "alice has no live sessions" in sessions.stderr
