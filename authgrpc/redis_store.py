@@ -28,7 +28,7 @@ of 4 bytes or less. A new session with an IPv4 peer and a 48-byte user
 agent then fits a 112-byte listpack allocation, and 128 bytes once its
 first refresh adds ``p`` and ``q``.
 
-Session ids are 22 characters and every user field name is one character,
+Session ids are 11 characters and every user field name is one character,
 so the index fields are the fields whose name is longer than one character.
 Scripts touch an index field by a caller's session id only after its
 session key turned out to exist, or when that id is longer than one
@@ -85,7 +85,8 @@ from authgrpc.store import (
     UserChanged,
     UsernameTaken,
     UserRecord,
-    new_id,
+    new_session_id,
+    new_user_id,
 )
 
 T = TypeVar("T")
@@ -610,7 +611,7 @@ class RedisStore:
     async def create_user(
         self, username: str, password_hash: str, roles: tuple[str, ...]
     ) -> UserRecord:
-        user_id = new_id()
+        user_id = new_user_id()
         name_key = self.keys.username(username)
         if not await guarded(self.client.set(name_key, user_id, nx=True)):
             existing = await self.get_user_by_name(username)
@@ -703,7 +704,7 @@ class RedisStore:
     ) -> SessionRecord:
         peer, user_agent = cut_stored_text(new.peer), cut_stored_text(new.user_agent)
         for _ in range(3):
-            session_id = new_id()
+            session_id = new_session_id()
             keys = [
                 self.keys.user(user.user_id),
                 self.keys.session(user.user_id, session_id),
@@ -739,9 +740,8 @@ class RedisStore:
                 )
             if result[0] == 0:
                 raise UserChanged(f"user {user.username!r} changed during login")
-        raise StoreUnavailable(
-            "could not allocate a unique session id"
-        )  # 128 random bits: unreachable
+        # 64 random bits against at most a few live sessions of one user.
+        raise StoreUnavailable("could not allocate a unique session id")
 
     async def validate_session(
         self, user_id: str, session_id: str, limits: SessionLimits

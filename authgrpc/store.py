@@ -25,9 +25,20 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def new_id() -> str:
-    """Return a random 128-bit id, base64url-encoded (22 characters)."""
-    return secrets.token_urlsafe(16)
+def new_user_id() -> str:
+    """Return a random 96-bit user id, base64url-encoded (16 characters)."""
+    return secrets.token_urlsafe(12)
+
+
+def new_session_id() -> str:
+    """Return a random 64-bit session id, base64url-encoded (11 characters).
+
+    A session id only names a session among its user's sessions and grants
+    nothing: access tokens are signed, and a refresh token carries a 256-bit
+    secret. Stores make a new id when one clashes with a live session of the
+    same user. The short ids keep a session's Redis key within 48 bytes.
+    """
+    return secrets.token_urlsafe(8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +252,11 @@ class MemoryStore:
         if username in self._names:
             raise UsernameTaken(f"user {username!r} already exists")
         user = UserRecord(
-            new_id(), username, password_hash, tuple(roles), created_ms=self.clock()
+            new_user_id(),
+            username,
+            password_hash,
+            tuple(roles),
+            created_ms=self.clock(),
         )
         self._users[user.user_id] = user
         self._names[username] = user.user_id
@@ -293,8 +308,11 @@ class MemoryStore:
                 self._drop(user.user_id, oldest.record.session_id)
         absolute = now + limits.absolute_ms
         idle = min(now + limits.idle_ms, absolute)
+        session_id = new_session_id()
+        while session_id in sessions:
+            session_id = new_session_id()
         record = SessionRecord(
-            session_id=new_id(),
+            session_id=session_id,
             user_id=user.user_id,
             username=current.username,
             roles=current.roles,

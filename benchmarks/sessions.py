@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import secrets
 import shutil
@@ -36,7 +35,8 @@ from authgrpc.store import (
     RefreshOutcome,
     SessionLimits,
     UserRecord,
-    new_id,
+    new_session_id,
+    new_user_id,
 )
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -165,7 +165,7 @@ def populate_users(
 ) -> list[str]:
     """Write ``count`` users as ``RedisStore.create_user`` does; return their ids."""
     script = client.register_script(POPULATE_USERS)
-    user_ids = [new_id() for _ in range(count)]
+    user_ids = [new_user_id() for _ in range(count)]
     for start in range(0, count, BATCH):
         args: list[str | bytes] = [prefix, password_hash]
         for user_id in user_ids[start : start + BATCH]:
@@ -199,21 +199,14 @@ def populate(
                 cut_stored_text(peer),
                 cut_stored_text(user_agent),
             ]
-            # Ids are 16 random bytes in base64url, as new_id() makes them.
-            # The rotation key and the refresh hash are 16 random bytes each,
-            # the sizes that refresh.new_rotation_key() and stored_hash have.
-            blob = os.urandom(64 * size)
-            for offset in range(0, 64 * size, 64):
-                ref = SessionRef(
-                    _base64url(blob[offset : offset + 16]),
-                    _base64url(blob[offset + 16 : offset + 32]),
-                )
+            for _ in range(size):
+                ref = SessionRef(new_user_id(), new_session_id())
                 refs.append(ref)
                 args += [
                     ref.user_id,
                     ref.session_id,
-                    blob[offset + 32 : offset + 48],
-                    blob[offset + 48 : offset + 64],
+                    refresh.new_rotation_key(),
+                    refresh.RefreshToken("", "", os.urandom(32)).stored_hash,
                 ]
             if pending is not None:
                 pending.result()
@@ -221,10 +214,6 @@ def populate(
         if pending is not None:
             pending.result()
     return refs
-
-
-def _base64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 async def create_sessions(
