@@ -501,8 +501,12 @@ def _unavailable(exc: Exception) -> StoreUnavailable | None:
     """Return the StoreUnavailable that ``exc`` means, or None for any other error."""
     if isinstance(exc, _UNAVAILABLE_ERRORS):
         return StoreUnavailable(f"session store is unavailable: {type(exc).__name__}")
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        # The ACL user lacks a command the store needs: no retry can succeed
+        # until an operator fixes it, but the caller's request is fine.
+        return StoreUnavailable("session store is unavailable: NOPERM")
     if isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(
-        ("LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY")
+        ("LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "BUSY")
     ):
         return StoreUnavailable(f"session store is unavailable: {str(exc).split()[0]}")
     return None

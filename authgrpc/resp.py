@@ -19,7 +19,10 @@ way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import socket
+import weakref
 from collections import deque
 from typing import Any
 
@@ -31,8 +34,10 @@ from redis.connection import parse_url
 # (socket_timeout, ssl settings, protocol=3 ...) stays with redis-py.
 _PLAIN_URL_FIELDS = {"host", "port", "db", "username", "password", "path"}
 
-# Replies that mean the connection cannot run commands until it logs in again.
-_AUTH_ERRORS = ("NOAUTH", "WRONGPASS", "NOPERM")
+# Error replies after which the connection cannot run commands: the login
+# was refused, or the server has no room for another client.
+_AUTH_ERRORS = ("NOAUTH", "WRONGPASS")
+_CONNECTION_ERRORS = ("ERR max number of clients reached",)
 
 
 class ScriptConnection:
@@ -40,8 +45,10 @@ class ScriptConnection:
 
     ``timeout`` bounds the connect, the login and every reply in seconds. A
     reply that does not come within it closes the connection, and with it
-    every command still waiting on that socket, since Redis answers them in
-    order. The next command connects again.
+    every command still waiting on that socket, since Redis replies to them
+    in order. The next command connects again. An object of this class belongs
+    to the event loops that use it: it is not for sharing between threads
+    that run commands at the same moment.
     """
 
     def __init__(
@@ -60,15 +67,19 @@ class ScriptConnection:
         self.path = path
         self.timeout = timeout
         self._login: list[tuple[Any, ...]] = []
-        if password is not None:
-            if username:
-                self._login.append(("AUTH", username, password))
-            else:
-                self._login.append(("AUTH", password))
+        if username or password is not None:
+            # The two-argument form names the user (default when the URL has
+            # none), so it also works for a user without a password and for a
+            # server that has none, where one-argument AUTH is an error.
+            self._login.append(("AUTH", username or "default", password or ""))
         if db:
             self._login.append(("SELECT", db))
-        self._pipe: _Pipe | None = None
-        self._opening: asyncio.Task[_Pipe] | None = None
+        self._pipes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pipe] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._opening: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Task[_Pipe]
+        ] = weakref.WeakKeyDictionary()
 
     @classmethod
     def for_url(cls, url: str, *, timeout: float = 1.0) -> ScriptConnection | None:
@@ -96,57 +107,99 @@ class ScriptConnection:
         """Run ``script`` and return its reply, as redis-py would with hiredis.
 
         Raises redis.exceptions.ConnectionError or TimeoutError when Redis
-        cannot be reached or does not answer in time, and ResponseError for
+        cannot be reached or does not reply in time, and ResponseError for
         an error reply. A command whose connection was lost before its reply
-        came is sent once more on a new connection: the session check is
-        safe to repeat.
+        came is sent once more on a new connection, so ``script`` must be
+        safe to run twice, as the session check is. Both tries together
+        take at most twice the timeout.
         """
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self.timeout
         try:
-            reply = await self._call(command)
+            reply = await self._run_once(script, keys, args, self.timeout)
         except _ConnectionLost:
-            reply = await self._call(command)
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            # The server restarted or ran SCRIPT FLUSH. EVAL loads it again.
-            reply = await self._call(("EVAL", script.source, len(keys), *keys, *args))
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise redis.exceptions.TimeoutError(
+                    "Timeout reading from Redis"
+                ) from None
+            try:
+                reply = await self._run_once(script, keys, args, remaining)
+            except _ConnectionLost:
+                raise redis.exceptions.ConnectionError(
+                    "Redis closed the connection twice in a row"
+                ) from None
         if isinstance(reply, hiredis.ReplyError):
             raise _response_error(str(reply))
         return reply
 
     async def close(self) -> None:
-        """Close the connection; a later command opens a new one."""
-        pipe, self._pipe = self._pipe, None
-        if self._opening is not None:
-            self._opening.cancel()
-            self._opening = None
-        if pipe is not None:
-            pipe.abort()
-            await pipe.closed
+        """Close every connection; a later command opens a new one.
 
-    async def _call(self, command: tuple[Any, ...]) -> Any:
-        pipe = self._pipe
-        if pipe is None or not pipe.usable():
-            pipe = await self._connect()
+        Commands still waiting fail with ConnectionError and are not sent
+        again. A connection of an event loop that has since closed is shut
+        down at the socket.
+        """
+        for opening in list(self._opening.values()):
+            opening.cancel()
+        self._opening.clear()
+        pipes = list(self._pipes.items())
+        self._pipes.clear()
+        running = asyncio.get_running_loop()
+        for loop, pipe in pipes:
+            if loop is running:
+                pipe.close()
+                await pipe.closed
+            else:
+                pipe.close_from_elsewhere()
+
+    async def _run_once(
+        self, script: Script, keys: list[str], args: list[Any], timeout: float
+    ) -> Any:
+        reply = await self._call(
+            ("EVALSHA", script.sha, len(keys), *keys, *args), timeout
+        )
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            # The server restarted or ran SCRIPT FLUSH. EVAL loads it again.
+            reply = await self._call(
+                ("EVAL", script.source, len(keys), *keys, *args), timeout
+            )
+        return reply
+
+    async def _call(self, command: tuple[Any, ...], timeout: float) -> Any:
+        loop = asyncio.get_running_loop()
+        pipe = self._pipes.get(loop)
+        if pipe is None or pipe.lost:
+            pipe = await self._connect(loop)
         waiter = pipe.send(command)
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout):
                 return await waiter
         except TimeoutError:
             pipe.abort()
             raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
 
-    async def _connect(self) -> _Pipe:
-        loop = asyncio.get_running_loop()
-        opening = self._opening
-        if opening is None or opening.done() or opening.get_loop() is not loop:
-            opening = self._opening = loop.create_task(self._open())
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Pipe:
+        self._forget_closed_loops()
+        opening = self._opening.get(loop)
+        if opening is None or opening.done():
+            opening = loop.create_task(self._open(loop))
             opening.add_done_callback(_retrieve)
+            self._opening[loop] = opening
         # Callers that come while the connection opens share one attempt; a
         # caller that gives up does not cancel it for the others.
-        return await asyncio.shield(opening)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if opening.cancelled() and task is not None and not task.cancelling():
+                # close() stopped the attempt; this caller was not cancelled.
+                raise redis.exceptions.ConnectionError(
+                    "the Redis connection was closed"
+                ) from None
+            raise
 
-    async def _open(self) -> _Pipe:
-        loop = asyncio.get_running_loop()
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Pipe:
         try:
             async with asyncio.timeout(self.timeout):
                 if self.path is not None:
@@ -175,8 +228,12 @@ class ScriptConnection:
             raise redis.exceptions.ConnectionError(
                 "Redis closed the connection during login"
             ) from None
-        self._pipe = pipe
+        self._pipes[loop] = pipe
         return pipe
+
+    def _forget_closed_loops(self) -> None:
+        for loop in [loop for loop in self._pipes if loop.is_closed()]:
+            self._pipes.pop(loop).close_from_elsewhere()
 
 
 class Script:
@@ -195,7 +252,7 @@ def _retrieve(task: asyncio.Task[_Pipe]) -> None:
 
 
 class _ConnectionLost(redis.exceptions.ConnectionError):
-    """The connection closed before the reply came."""
+    """The connection closed before the reply came; the command may be resent."""
 
 
 def _response_error(message: str) -> redis.exceptions.RedisError:
@@ -203,7 +260,12 @@ def _response_error(message: str) -> redis.exceptions.RedisError:
         # redis-py reports these as AuthenticationError, a ConnectionError,
         # so the store counts them as unavailable.
         return redis.exceptions.AuthenticationError(message)
-    return redis.exceptions.ResponseError(message)
+    if message.startswith("NOPERM"):
+        return redis.exceptions.NoPermissionError(message)
+    if message.startswith(_CONNECTION_ERRORS):
+        return redis.exceptions.ConnectionError(message.removeprefix("ERR "))
+    # redis-py drops the generic prefix too.
+    return redis.exceptions.ResponseError(message.removeprefix("ERR "))
 
 
 class _Pipe(asyncio.Protocol):
@@ -215,14 +277,12 @@ class _Pipe(asyncio.Protocol):
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._outgoing: list[bytes] = []
         self._transport: asyncio.Transport | None = None
-        self._lost = False
+        self._closed_by_owner = False
+        self.lost = False
         self.closed: asyncio.Future[None] = loop.create_future()
 
-    def usable(self) -> bool:
-        return not self._lost and asyncio.get_running_loop() is self._loop
-
     def send(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
-        if self._lost:
+        if self.lost:
             raise _ConnectionLost("connection to Redis lost")
         waiter = self._loop.create_future()
         if not self._outgoing:
@@ -232,12 +292,33 @@ class _Pipe(asyncio.Protocol):
         return waiter
 
     def abort(self) -> None:
-        if self._transport is not None and not self._lost:
+        if self._transport is not None and not self.lost:
             self._transport.abort()
+
+    def close(self) -> None:
+        """Close on purpose: waiting commands fail and are not sent again."""
+        self._closed_by_owner = True
+        self.abort()
+
+    def close_from_elsewhere(self) -> None:
+        """Close a connection whose event loop is another than the running one."""
+        self._closed_by_owner = True
+        if self._loop.is_closed():
+            # Its loop cannot run the transport's close any more. Shutting
+            # the socket down ends the connection at once, and the garbage
+            # collector releases the descriptor.
+            if self._transport is not None:
+                sock = self._transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+            return
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.abort)
 
     def _flush(self) -> None:
         outgoing, self._outgoing = self._outgoing, []
-        if self._transport is not None and not self._lost:
+        if self._transport is not None and not self.lost:
             self._transport.write(b"".join(outgoing))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -257,11 +338,17 @@ class _Pipe(asyncio.Protocol):
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
+        self.lost = True
         self._outgoing.clear()
         while self._waiting:
             waiter = self._waiting.popleft()
-            if not waiter.done():
+            if waiter.done():
+                continue
+            if self._closed_by_owner:
+                waiter.set_exception(
+                    redis.exceptions.ConnectionError("the Redis connection was closed")
+                )
+            else:
                 waiter.set_exception(_ConnectionLost("connection to Redis lost"))
         if not self.closed.done():
             self.closed.set_result(None)
