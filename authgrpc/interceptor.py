@@ -86,6 +86,7 @@ class MethodPolicy:
                     f"invalid method name {name!r}: use /package.Service/Method "
                     f"or /package.Service/*"
                 )
+        self._roles_by_method: dict[str, frozenset[str]] = {}
         both = self.public_methods & set(self.required_roles)
         if both:
             raise ConfigurationError(
@@ -106,7 +107,13 @@ class MethodPolicy:
 
     def authorize(self, method: str, principal: Principal) -> None:
         """Raise PermissionDenied unless ``principal`` has the roles of ``method``."""
-        missing = self.roles_for(method).difference(principal.roles)
+        required = self._roles_by_method.get(method)
+        if required is None:
+            # A server's method names are few and fixed, so this stays small.
+            required = self._roles_by_method[method] = self.roles_for(method)
+        if not required:
+            return
+        missing = required.difference(principal.roles)
         if missing:
             raise PermissionDenied(
                 f"the caller lacks the role(s) {', '.join(sorted(missing))} "
