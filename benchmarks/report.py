@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ class Row:
     name: str
     latencies_ns: list[int] = field(default_factory=list)
     rounds_rps: list[float] = field(default_factory=list)
+    rounds_latencies_ns: list[list[int]] = field(default_factory=list)
     cpu: dict[str, list[float]] = field(default_factory=dict)
 
     @property
@@ -51,11 +53,11 @@ class Row:
 
     def percentile(self, fraction: float) -> float:
         """Return a latency percentile in milliseconds, by the nearest-rank method."""
-        if not self.latencies_ns:
-            return math.nan
-        ordered = sorted(self.latencies_ns)
-        rank = max(0, math.ceil(fraction * len(ordered)) - 1)
-        return ordered[rank] / 1e6
+        return _percentile(self.latencies_ns, fraction)
+
+    def round_percentiles(self, fraction: float) -> list[float]:
+        """Return the latency percentile of each round, in milliseconds."""
+        return [_percentile(values, fraction) for values in self.rounds_latencies_ns]
 
     @property
     def p50(self) -> float:
@@ -69,8 +71,11 @@ class Row:
         """Add one round: the results of every worker, and CPU % by process label."""
         rate = sum(r.count / r.elapsed_s for r in results if r.elapsed_s > 0)
         self.rounds_rps.append(rate)
+        latencies: list[int] = []
         for result in results:
-            self.latencies_ns.extend(result.latencies_ns)
+            latencies.extend(result.latencies_ns)
+        self.latencies_ns.extend(latencies)
+        self.rounds_latencies_ns.append(latencies)
         for label, percent in cpu.items():
             self.cpu.setdefault(label, []).append(percent)
 
@@ -81,6 +86,45 @@ class Row:
     def cpu_per_request_us(self, label: str) -> float:
         """Return the CPU time of process ``label`` per request, in microseconds."""
         return self.mean_cpu(label) / 100 * 1e6 / self.rps
+
+
+def _percentile(latencies_ns: list[int], fraction: float) -> float:
+    if not latencies_ns:
+        return math.nan
+    ordered = sorted(latencies_ns)
+    rank = max(0, math.ceil(fraction * len(ordered)) - 1)
+    return ordered[rank] / 1e6
+
+
+def latency_ratio(row: Row, reference: Row, fraction: float) -> float:
+    """Return the median over rounds of a latency percentile's ratio to the reference's.
+
+    The two rows take turns within each round, as in :func:`ratio_to`.
+    """
+    pairs = [
+        mine / theirs
+        for mine, theirs in zip(
+            row.round_percentiles(fraction),
+            reference.round_percentiles(fraction),
+            strict=True,
+        )
+        if theirs > 0
+    ]
+    return statistics.median(pairs) if pairs else math.nan
+
+
+def ratio_to(row: Row, floor: Row) -> float:
+    """Return the median over rounds of the row's req/s over the floor's.
+
+    The rows take turns within a round, so each round's pair ran minutes
+    apart at most, and a slow round slows both of its sides alike.
+    """
+    pairs = [
+        mine / theirs
+        for mine, theirs in zip(row.rounds_rps, floor.rounds_rps, strict=True)
+        if theirs > 0
+    ]
+    return statistics.median(pairs) if pairs else math.nan
 
 
 def number(value: float, digits: int = 2) -> str:
@@ -129,7 +173,7 @@ def table(rows: dict[str, Row], facts: dict[str, Any], servers: dict[str, str]) 
         if key not in rows:
             continue
         row = rows[key]
-        ratio = row.rps / floor.rps if key in THROUGHPUT_ROWS else math.nan
+        ratio = ratio_to(row, floor) if key in THROUGHPUT_ROWS else math.nan
         title = title.format(
             small=f"{facts['live_sessions']:,}", large=f"{facts['large_sessions']:,}"
         )
@@ -209,22 +253,24 @@ def targets(rows: dict[str, Row], facts: dict[str, Any]) -> list[Target]:
     small, large = rows["validate_small"], rows["validate_large"]
     idle, burst = rows["validate_idle"], rows["validate_burst"]
     validate = rows["validate"]
-    memory = facts["memory"]["delta_per_session"]
+    memory = max(facts["memory"]["delta_per_session"], facts["memory"]["after_refresh"])
     return [
-        Target("ValidateSession req/s / floor req/s", validate.rps / floor.rps,
+        Target("ValidateSession req/s / floor req/s", ratio_to(validate, floor),
                0.6, ">="),
-        Target("ValidateSession p99 / floor p99", validate.p99 / floor.p99, 2.0, "<="),
-        Target("local validator req/s / floor req/s", rows["local"].rps / floor.rps,
+        Target("ValidateSession p99 / floor p99", latency_ratio(validate, floor, 0.99),
+               2.0, "<="),
+        Target("local validator req/s / floor req/s", ratio_to(rows["local"], floor),
                0.7, ">="),
-        Target("local + cache req/s / floor req/s", rows["cached"].rps / floor.rps,
+        Target("local + cache req/s / floor req/s", ratio_to(rows["cached"], floor),
                0.9, ">="),
         Target("revocation p99, ms", revocation_row(facts).p99, 50.0, "<"),
-        Target("Redis bytes per live session", memory, 300.0, "<="),
-        Target("ValidateSession p50, large / small population", large.p50 / small.p50,
-               1.1, "<="),
-        Target("ValidateSession p99, large / small population", large.p99 / small.p99,
-               1.1, "<="),
-        Target("ValidateSession p99, login burst / idle", burst.p99 / idle.p99,
+        Target("Redis bytes per live session, new or refreshed", memory, 300.0, "<="),
+        Target("ValidateSession p50, large / small population",
+               latency_ratio(large, small, 0.50), 1.1, "<="),
+        Target("ValidateSession p99, large / small population",
+               latency_ratio(large, small, 0.99), 1.1, "<="),
+        Target("ValidateSession p99, login burst / idle",
+               latency_ratio(burst, idle, 0.99),
                2.0, "<="),
     ]  # fmt: skip
 
