@@ -249,20 +249,33 @@ async def create_sessions(
 
 
 async def refresh_sessions(
-    store: RedisStore, refs: list[SessionRef], limits: SessionLimits
+    store: RedisStore,
+    refs: list[SessionRef],
+    limits: SessionLimits,
+    *,
+    concurrency: int = 64,
 ) -> None:
     """Rotate the refresh token of each session once, as a Refresh call does."""
-    for ref in refs:
-        outcome, _ = await store.commit_refresh(
-            ref.user_id,
-            ref.session_id,
-            ref.refresh_hash,
-            refresh.RefreshToken("", "", os.urandom(32)).stored_hash,
-            10_000,
-            limits,
-        )
-        if outcome is not RefreshOutcome.ROTATED:
-            raise RuntimeError(f"refresh of session {ref.session_id} was {outcome}")
+    queue = list(reversed(refs))
+
+    async def refresher() -> None:
+        while queue:
+            await _refresh(store, queue.pop(), limits)
+
+    await asyncio.gather(*(refresher() for _ in range(concurrency)))
+
+
+async def _refresh(store: RedisStore, ref: SessionRef, limits: SessionLimits) -> None:
+    outcome, _ = await store.commit_refresh(
+        ref.user_id,
+        ref.session_id,
+        ref.refresh_hash,
+        refresh.RefreshToken("", "", os.urandom(32)).stored_hash,
+        10_000,
+        limits,
+    )
+    if outcome is not RefreshOutcome.ROTATED:
+        raise RuntimeError(f"refresh of session {ref.session_id} was {outcome}")
 
 
 def used_memory(client: redis.Redis) -> int:
