@@ -9,6 +9,7 @@ from urllib.parse import unquote
 from authgrpc.errors import Reason, Unauthenticated
 
 AUTHORIZATION = "authorization"
+_AUTHORIZATION_LENGTH = len(AUTHORIZATION)
 MAX_AUTHORIZATION_BYTES = 8192
 _SCHEME = "bearer"
 
@@ -20,14 +21,18 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     non-Bearer header raises Unauthenticated(TOKEN_MISSING); more than one
     header or one over 8 KiB raises Unauthenticated(TOKEN_MALFORMED).
     """
-    values = [value for key, value in metadata or () if key.lower() == AUTHORIZATION]
-    if not values:
+    found: str | bytes | None = None
+    for key, value in metadata or ():
+        # Comparing lengths first skips lowercasing every other key.
+        if len(key) == _AUTHORIZATION_LENGTH and key.lower() == AUTHORIZATION:
+            if found is not None:
+                raise Unauthenticated(
+                    Reason.TOKEN_MALFORMED, "more than one authorization metadata value"
+                )
+            found = value
+    if found is None:
         raise Unauthenticated(Reason.TOKEN_MISSING, "authorization metadata is missing")
-    if len(values) > 1:
-        raise Unauthenticated(
-            Reason.TOKEN_MALFORMED, "more than one authorization metadata value"
-        )
-    value = values[0]
+    value = found
     if isinstance(value, bytes):
         raise Unauthenticated(
             Reason.TOKEN_MALFORMED, "authorization metadata must be text"

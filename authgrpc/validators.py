@@ -389,19 +389,21 @@ class AsyncLocalValidator:
         The store's own timeout bounds each call as well.
         """
         claims = self.verifier.verify(token)
-        session = await self._live_session(claims, timeout)
+        if timeout is not None and timeout <= 0:
+            raise _deadline_passed()
+        cache = self.cache
+        session = None
+        if cache is not None:
+            session = cache.lookup(claims.user_id, claims.session_id)
+        if session is None:
+            session = await self._live_session(claims, timeout)
         return Validation(_principal(session), session, claims)
 
     async def _live_session(
         self, claims: Claims, timeout: float | None
     ) -> SessionRecord:
-        if timeout is not None and timeout <= 0:
-            raise _deadline_passed()
         cache = self.cache
         if cache is not None:
-            cached = cache.lookup(claims.user_id, claims.session_id)
-            if cached is not None:
-                return cached
             epoch = cache.epoch()
         check = self.store.validate_session(
             claims.user_id, claims.session_id, self.limits
