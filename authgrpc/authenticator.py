@@ -6,6 +6,8 @@ plain values and maps its exceptions to statuses.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 from dataclasses import dataclass
 
@@ -37,7 +39,14 @@ def username_throttle_key(name: str) -> str:
 
 
 def peer_throttle_key(peer: str) -> str:
-    """Return the store key of the failed-login counter of a peer address."""
+    """Return the store key of the failed-login counter of a peer address.
+
+    An IP address is written in its canonical form, so that ``[::1]`` and
+    ``0:0:0:0:0:0:0:1`` name the counter of ``::1``.
+    """
+    # Anything else, such as a Unix socket path, is kept as it is.
+    with contextlib.suppress(ValueError):
+        peer = str(ipaddress.ip_address(peer.strip("[]")))
     return f"ip:{peer}"
 
 

@@ -461,16 +461,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _create_dev_user(running: Any) -> None:
-    """Create (or reset) the ``demo`` user and print how to use it."""
+    """Create the ``demo`` user unless it exists, and print how to use it.
+
+    An existing ``demo`` keeps its password: in a Redis that contains real users
+    (a ``--redis-prefix`` of theirs), resetting it would take over an account.
+    """
     password = os.environ.get("AUTHGRPC_DEV_PASSWORD") or secrets.token_urlsafe(12)
     store: SessionStore = running.store
     hasher: PasswordHasher = running.authenticator.hasher
-    password_hash = await hasher.hash(password)
-    existing = await store.get_user_by_name(DEV_USERNAME)
-    if existing is None:
-        await store.create_user(DEV_USERNAME, password_hash, ("admin",))
+    shown = password
+    if await store.get_user_by_name(DEV_USERNAME) is None:
+        await store.create_user(DEV_USERNAME, await hasher.hash(password), ("admin",))
     else:
-        await store.set_password_hash(existing.user_id, password_hash)
+        password = "<its password>"
+        shown = (
+            "unchanged, since the user already existed in this store "
+            f"(`authgrpc user passwd {DEV_USERNAME}` sets one)"
+        )
     address = running.address
     login = json.dumps({"username": DEV_USERNAME, "password": password})
     store_kind = "Redis" if running.settings.redis_url else "in-memory"
@@ -481,7 +488,7 @@ async def _create_dev_user(running: Any) -> None:
         "authgrpc dev mode, NOT FOR PRODUCTION:",
         f"  ephemeral signing key, {store_kind} sessions",
         f"  user:     {DEV_USERNAME}",
-        f"  password: {password}",
+        f"  password: {shown}",
         "",
         "Try it with grpcurl:",
         f"  grpcurl -plaintext {address} list",
@@ -615,11 +622,25 @@ async def _user(args: argparse.Namespace, store: SessionStore) -> int:
                 raise CommandError("name a username, or a peer address with --peer")
             if args.name is not None:
                 name = _normalized(args.name)
-                await store.throttle_reset(username_throttle_key(name))
-                print(f"cleared the failed logins of username {name}")
+                if await store.throttle_reset(username_throttle_key(name)):
+                    print(f"cleared the failed logins of username {name}")
+                else:
+                    print(
+                        f"no failed logins recorded for username {name}; a lockout "
+                        "by peer needs --peer ADDRESS, as the `login throttled` "
+                        "log line shows it",
+                        file=sys.stderr,
+                    )
             if args.peer is not None:
-                await store.throttle_reset(peer_throttle_key(args.peer))
-                print(f"cleared the failed logins of peer {args.peer}")
+                if await store.throttle_reset(peer_throttle_key(args.peer)):
+                    print(f"cleared the failed logins of peer {args.peer}")
+                else:
+                    print(
+                        f"no failed logins recorded for peer {args.peer}; give the "
+                        "address without a port, as the `login throttled` log "
+                        "line shows it",
+                        file=sys.stderr,
+                    )
         elif args.action == "roles":
             user = await _find_user(store, args.name)
             await store.set_roles(user.user_id, tuple(args.roles))

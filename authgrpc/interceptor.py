@@ -87,7 +87,17 @@ class MethodPolicy:
                     f"or /package.Service/*"
                 )
         self._roles_by_method: dict[str, frozenset[str]] = {}
-        both = self.public_methods & set(self.required_roles)
+        # A method is public by its own name or its service's, and needs the
+        # roles of both names, so a clash can span the two.
+        both = {
+            name
+            for name in self.required_roles
+            if name in self.public_methods or _service_of(name) in self.public_methods
+        } | {
+            name
+            for name in self.public_methods
+            if _service_of(name) in self.required_roles
+        }
         if both:
             raise ConfigurationError(
                 f"methods {sorted(both)} are public and also require roles; choose one"

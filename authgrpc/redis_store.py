@@ -85,15 +85,13 @@ from authgrpc.store import (
     UserChanged,
     UsernameTaken,
     UserRecord,
+    cut_stored_text,
     new_session_id,
     new_user_id,
 )
 
 T = TypeVar("T")
 
-# Maximum UTF-8 bytes of the peer and the user agent that the store keeps,
-# because a longer hash value converts the session hash to hashtable encoding.
-MAX_STORED_TEXT_BYTES = 64
 
 _NOW = (
     "local t = redis.call('TIME') "
@@ -531,14 +529,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def cut_stored_text(text: str) -> str:
-    """Cut ``text`` to MAX_STORED_TEXT_BYTES of UTF-8 without splitting a character."""
-    data = text.encode()
-    if len(data) <= MAX_STORED_TEXT_BYTES:
-        return text
-    return data[:MAX_STORED_TEXT_BYTES].decode(errors="ignore")
-
-
 def _roles(value: Any) -> tuple[str, ...]:
     text = _text(value) if value else ""
     return tuple(role for role in text.split(",") if role)
@@ -871,8 +861,8 @@ class RedisStore:
     async def throttle_release(self, key: str) -> None:
         await guarded(self._throttle_release(keys=[self.keys.throttle(key)], args=[]))
 
-    async def throttle_reset(self, key: str) -> None:
-        await guarded(self.client.delete(self.keys.throttle(key)))
+    async def throttle_reset(self, key: str) -> bool:
+        return bool(await guarded(self.client.delete(self.keys.throttle(key))))
 
     async def _now_ms(self) -> int:
         seconds, micros = await guarded(self.client.time())

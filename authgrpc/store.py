@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from authgrpc.errors import AuthError
+from authgrpc.errors import AuthError, StoreUnavailable
 
 Clock = Callable[[], int]
 
@@ -23,6 +23,20 @@ Clock = Callable[[], int]
 def wall_clock_ms() -> int:
     """Return the current Unix time in milliseconds."""
     return time.time_ns() // 1_000_000
+
+
+# Maximum UTF-8 bytes of the peer and the user agent that a store keeps. In
+# Redis a longer hash value converts the session hash to the larger hashtable
+# encoding, and both stores keep the same cut so that they report the same.
+MAX_STORED_TEXT_BYTES = 64
+
+
+def cut_stored_text(text: str) -> str:
+    """Cut ``text`` to MAX_STORED_TEXT_BYTES of UTF-8 without splitting a character."""
+    data = text.encode()
+    if len(data) <= MAX_STORED_TEXT_BYTES:
+        return text
+    return data[:MAX_STORED_TEXT_BYTES].decode(errors="ignore")
 
 
 def new_user_id() -> str:
@@ -197,7 +211,9 @@ class SessionStore(Protocol):
         self, key: str, policy: ThrottlePolicy
     ) -> ThrottleResult: ...
     async def throttle_release(self, key: str) -> None: ...
-    async def throttle_reset(self, key: str) -> None: ...
+    async def throttle_reset(self, key: str) -> bool:
+        """Clear a failed-login counter and its lockout; return whether one existed."""
+        ...
 
 
 SessionEndListener = Callable[[str, str], None]
@@ -308,9 +324,13 @@ class MemoryStore:
                 self._drop(user.user_id, oldest.record.session_id)
         absolute = now + limits.absolute_ms
         idle = min(now + limits.idle_ms, absolute)
-        session_id = new_session_id()
-        while session_id in sessions:
+        # As in RedisStore: three tries, then give up rather than loop.
+        for _ in range(3):
             session_id = new_session_id()
+            if session_id not in sessions:
+                break
+        else:
+            raise StoreUnavailable("could not allocate a unique session id")
         record = SessionRecord(
             session_id=session_id,
             user_id=user.user_id,
@@ -320,8 +340,8 @@ class MemoryStore:
             absolute_expiry_ms=absolute,
             idle_expiry_ms=idle,
             last_seen_ms=now,
-            peer=new.peer,
-            user_agent=new.user_agent,
+            peer=cut_stored_text(new.peer),
+            user_agent=cut_stored_text(new.user_agent),
         )
         refresh = RefreshState(new.rotation_key, new.refresh_hash, b"", 0)
         sessions[record.session_id] = _MemorySession(record, refresh, idle)
@@ -437,8 +457,8 @@ class MemoryStore:
         if counter is not None and counter.count > 0:
             counter.count -= 1
 
-    async def throttle_reset(self, key: str) -> None:
-        self._counters.pop(key, None)
+    async def throttle_reset(self, key: str) -> bool:
+        return self._counters.pop(key, None) is not None
 
     def _view(self, stored: _MemorySession, user: UserRecord) -> SessionRecord:
         return replace(

@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -54,6 +56,39 @@ def _stop_when_orphaned(supervisor: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def check_port_free(listen: str) -> None:
+    """Raise ConfigurationError if any socket already listens on ``listen``.
+
+    The workers share their port with SO_REUSEPORT, which would also let
+    them join another deployment's workers on that port unnoticed. A bind
+    without the option fails on a port that anything holds, whether or not
+    the holder set it.
+    """
+    host, _, port = listen.rpartition(":")
+    bind_host: str | None = host.strip("[]") or None
+    try:
+        addresses = socket.getaddrinfo(
+            bind_host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"cannot listen on {listen}: {error}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # Like gRPC's own listeners, so that connections of a previous
+            # run in TIME_WAIT do not count as the port being in use.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise ConfigurationError(
+                        f"cannot listen on {listen}: the address is in use"
+                    ) from None
+                raise ConfigurationError(
+                    f"cannot listen on {listen}: {error.strerror}"
+                ) from None
+
+
 class Supervisor:
     """Starts the worker processes, forwards signals to them, and waits for them."""
 
@@ -84,6 +119,7 @@ class Supervisor:
             signum: signal.signal(signum, self._forward) for signum in _FORWARDED
         }
         try:
+            check_port_free(self.settings.listen)
             for _ in range(self.workers):
                 process = context.Process(
                     target=_run_worker, args=(self.settings, self.log_level)

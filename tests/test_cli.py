@@ -394,3 +394,17 @@ def test_empty_lists_say_so(env: dict[str, str]) -> None:
     assert sessions.returncode == 0
     assert sessions.stdout == ""
     assert "alice has no live sessions" in sessions.stderr
+
+
+def test_dev_mode_keeps_existing_demo_password(env: dict[str, str]) -> None:
+    run("user", "add", "demo", "--password-stdin", env=env, stdin=PASSWORD)
+    dev_env = {k: v for k, v in env.items() if k != "AUTHGRPC_SIGNING_KEY"}
+    server = Server(dev_env, "--dev")
+    try:
+        logged_in = login(server.address, "demo", PASSWORD)
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        stdout, stderr = server.process.communicate(timeout=20)
+
+    assert logged_in.access_token
+    assert "password: unchanged" in stdout, stdout + stderr

@@ -485,6 +485,8 @@ def test_current_principal_outside_call() -> None:
         ((), {"pkg.Service/Method": ["admin"]}),
         ((), {"/pkg.Service/Method": "admin"}),
         (("/pkg.Service/Method",), {"/pkg.Service/Method": ["admin"]}),
+        (("/pkg.Service/*",), {"/pkg.Service/Method": ["admin"]}),
+        (("/pkg.Service/Method",), {"/pkg.Service/*": ["admin"]}),
     ],
     ids=[
         "star",
@@ -494,6 +496,8 @@ def test_current_principal_outside_call() -> None:
         "no-leading-slash",
         "roles-as-string",
         "public-with-roles",
+        "public-service-method-roles",
+        "public-method-service-roles",
     ],
 )
 def test_policy_rejects_bad_names(public: Any, roles: Any) -> None:

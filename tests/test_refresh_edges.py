@@ -3,7 +3,6 @@
 Each sequence runs on the in-memory store and on real Redis, and both must
 give the same results. Grace-window boundaries on Redis run COMMIT_REFRESH
 itself with its clock pinned, since the server's TIME cannot be set.
-Known bugs are strict xfail tests.
 """
 
 from __future__ import annotations
@@ -420,11 +419,6 @@ async def test_ended_session_id_may_come_back(
     assert state.current_hash == b"2" * 12
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MemoryStore.create_session draws ids until one is free, without "
-    "limit, while RedisStore gives up after 3 clashes with StoreUnavailable",
-)
 async def test_every_id_clashing_fails_alike(
     scripted_ids: Callable[[list[str]], None], redis_url: str, prefix: str
 ) -> None:
@@ -496,12 +490,6 @@ async def test_redis_paths_report_peer_agent(redis_url: str, prefix: str) -> Non
         await pipelined.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedisStore keeps 64 bytes of the peer and the user agent "
-    "(cut_stored_text) but MemoryStore keeps them whole, so Login, "
-    "ValidateSession, Refresh and ListSessions report different values",
-)
 async def test_long_peer_agent_agree(redis_url: str, prefix: str) -> None:
     peer, agent = "p" * 100, "é" * 40
     reports = []
@@ -666,12 +654,6 @@ async def test_grpc_responses_report_peer_agent(
         assert response.session.user_agent == login.session.user_agent
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a forwarded scoped IPv6 address makes a peer over 64 bytes: "
-    "ValidateSession and Refresh return 64 bytes of it on Redis and all of it "
-    "on the in-memory store",
-)
 async def test_grpc_long_forwarded_peer_agrees(
     redis_url: str, prefix: str, keys: KeySet
 ) -> None:
@@ -823,12 +805,6 @@ async def test_unlock_logged_ipv6_peer(
     assert unlocked.session.peer == "::1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="user unlock --peer compares the text as given, so another spelling "
-    "of a logged IPv6 address clears nothing, yet it prints 'cleared' and "
-    "exits 0",
-)
 @pytest.mark.parametrize("spelling", ["[::1]", "0:0:0:0:0:0:0:1"])
 async def test_unlock_other_ipv6_spelling(
     spelling: str, redis_url: str, prefix: str, throttles: Throttles

@@ -169,3 +169,23 @@ def _running(pid: int) -> bool:
             return stat.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_second_group_on_port_refused(env: dict[str, str]) -> None:
+    process, address = start(env, 2)
+    try:
+        second = subprocess.run(
+            [AUTHGRPC, "serve", "--workers", "2", "--listen", address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, log = process.communicate(timeout=30)
+
+    assert second.returncode == 2, second.stderr
+    assert f"cannot listen on {address}: the address is in use" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert process.returncode == 0, log
