@@ -539,6 +539,8 @@ async def _with_store(
             "pass --redis-url URL (or set AUTHGRPC_REDIS_URL) "
             "to reach the session store"
         )
+    import redis
+
     store = RedisStore.from_url(
         args.redis_url,
         prefix=args.redis_prefix or "authgrpc",
@@ -546,6 +548,10 @@ async def _with_store(
     )
     try:
         return await handler(args, store)
+    except redis.exceptions.ResponseError as error:
+        # A reachable Redis that rejects the connection's set-up, such as a
+        # database index out of range.
+        raise ConfigurationError(f"Redis rejected the command: {error}") from None
     finally:
         await store.close()
 

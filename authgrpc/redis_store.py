@@ -458,6 +458,12 @@ def connect(url: str, *, timeout: float = 1.0, decode: bool = False) -> Any:
     }
     parts = urlsplit(url)
     scheme = parts.scheme
+    database = parts.path.strip("/")
+    if scheme in ("redis", "rediss") and database and not database.isdigit():
+        # redis-py would quietly take database 0 for such a path.
+        raise ConfigurationError(
+            f"the Redis URL's path must be a database number, not {database!r}"
+        )
     if scheme in ("redis", "rediss", "unix"):
         # A blocking pool makes a burst beyond the pool size wait, within the
         # timeout, for a free connection instead of failing at once.

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -408,3 +409,23 @@ def test_dev_mode_keeps_existing_demo_password(env: dict[str, str]) -> None:
 
     assert logged_in.access_token
     assert "password: unchanged" in stdout, stdout + stderr
+
+
+@pytest.mark.parametrize(
+    ("database", "message"),
+    [
+        ("99", "Redis rejected the command: DB index is out of range"),
+        ("abc", "the Redis URL's path must be a database number, not 'abc'"),
+    ],
+)
+def test_bad_database_in_url(
+    env: dict[str, str], redis_url: str, database: str, message: str
+) -> None:
+    parts = urlsplit(redis_url)
+    url = f"{parts.scheme}://{parts.netloc}/{database}"
+
+    result = run("user", "list", "--redis-url", url, env=env)
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
