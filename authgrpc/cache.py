@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis
@@ -214,7 +215,8 @@ class InvalidationListener:
 
     def _listen(self) -> None:
         client = self._client_factory()
-        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        # Typed from redis-py 8.2 on, untyped before: Any suits both.
+        pubsub = cast(Any, client).pubsub()
         try:
             pubsub.subscribe(self.channel)
             last_pong = time.monotonic()
@@ -283,6 +285,6 @@ def subscriber_factory(url: str, timeout: float = 1.0) -> Callable[[], redis.Red
             host, _, port = item.rpartition(":")
             hosts.append((host.strip("[]") or "127.0.0.1", int(port or 26379)))
         service = parts.path.strip("/")
-        sentinel = Sentinel(hosts, sentinel_kwargs=options, **options)  # type: ignore[no-untyped-call]
-        return lambda: sentinel.master_for(service, password=parts.password)  # type: ignore[no-untyped-call]
+        sentinel: Any = cast(Any, Sentinel)(hosts, sentinel_kwargs=options, **options)
+        return lambda: sentinel.master_for(service, password=parts.password)
     raise ConfigurationError(f"unsupported Redis URL scheme {parts.scheme!r}")

@@ -491,9 +491,9 @@ def connect(url: str, *, timeout: float = 1.0, decode: bool = False) -> Any:
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
         }
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            hosts, sentinel_kwargs=sentinel_options, **options
-        )
+        # Typed from redis-py 8.2 on, untyped before: Any suits both.
+        sentinel_class: Any = Sentinel
+        sentinel = sentinel_class(hosts, sentinel_kwargs=sentinel_options, **options)
         return sentinel.master_for(service, db=db, password=parts.password)
     raise ConfigurationError(
         f"unsupported Redis URL scheme {scheme!r}; use redis://, rediss://, "

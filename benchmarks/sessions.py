@@ -29,12 +29,13 @@ import redis
 
 from authgrpc import refresh
 from authgrpc.config import Settings
-from authgrpc.redis_store import KeyLayout, RedisStore, cut_stored_text
+from authgrpc.redis_store import KeyLayout, RedisStore
 from authgrpc.store import (
     NewSession,
     RefreshOutcome,
     SessionLimits,
     UserRecord,
+    cut_stored_text,
     new_session_id,
     new_user_id,
 )
