@@ -147,7 +147,8 @@ def _service_of(method: str) -> str:
 class _ThrottledLog:
     """Logs a repeated warning at most once per ``interval`` seconds, with a count."""
 
-    def __init__(self, interval: float = 10.0):
+    def __init__(self, interval: float = 10.0, logger: logging.Logger = log):
+        self._log = logger
         self._interval = interval
         self._lock = threading.Lock()
         self._next = 0.0
@@ -161,7 +162,9 @@ class _ThrottledLog:
                 return
             suppressed, self._suppressed = self._suppressed, 0
             self._next = now + self._interval
-        log.warning(message + " (%d similar warnings suppressed)", *args, suppressed)
+        self._log.warning(
+            message + " (%d similar warnings suppressed)", *args, suppressed
+        )
 
 
 class _Admission:

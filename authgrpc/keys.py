@@ -146,7 +146,8 @@ def key_file_bytes(key: PrivateKey | bytes) -> bytes:
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` for its owner only, replacing the file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # A new directory is its owner's only, like the key files in it.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, 0o600)
@@ -179,7 +180,7 @@ def rotate_key_directory(
     replica can load it before any token it signed reaches them. The first
     key of a directory is always made active.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = generate_private_key(algorithm)
     kid = key_id(key, algorithm)
     suffix = ".secret" if algorithm == "HS256" else ".pem"

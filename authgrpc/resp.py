@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import socket
 import weakref
 from collections import deque
@@ -221,8 +222,10 @@ class ScriptConnection:
         except TimeoutError:
             raise redis.exceptions.TimeoutError("Timeout connecting to Redis") from None
         except OSError as error:
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            where = self.path or f"{self.host}:{self.port}"
             raise redis.exceptions.ConnectionError(
-                f"Error connecting to Redis: {error.strerror or type(error).__name__}"
+                f"Error connecting to Redis at {where}: {reason}"
             ) from None
         except _ConnectionLost:
             raise redis.exceptions.ConnectionError(

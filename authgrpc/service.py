@@ -29,6 +29,7 @@ from authgrpc.errors import (
     Unauthenticated,
     to_status,
 )
+from authgrpc.interceptor import _ThrottledLog
 from authgrpc.keys import KeySet
 from authgrpc.metadata import bearer_token, client_address
 from authgrpc.metrics import NullMetrics
@@ -64,6 +65,9 @@ def _budget(remaining: float | None) -> float | None:
     return max(remaining - margin, 0.01)
 
 
+_STORE_LOG = _ThrottledLog(logger=log)
+
+
 def _handle_errors(method: Handler[Request, Response]) -> Handler[Request, Response]:
     """Run a method within the caller's deadline, map its errors, record metrics."""
     name = method.__name__
@@ -81,6 +85,11 @@ def _handle_errors(method: Handler[Request, Response]) -> Handler[Request, Respo
         except AuthError as error:
             outcome, code = error.reason.value, error.code
             status = to_status(error)
+            if isinstance(error, StoreUnavailable):
+                # The caller gets only the exception's class; the log also
+                # names redis-py's reason, such as the refused address.
+                cause = f" ({error.__cause__})" if error.__cause__ else ""
+                _STORE_LOG.warning("%s failed: %s%s", name, error.message, cause)
         except TimeoutError:
             timed_out = StoreUnavailable(
                 "session store did not answer within the call's deadline"

@@ -338,6 +338,9 @@ async def test_redis_stop_then_recover(
     assert len(tail) > 50
     assert tail_codes == {OK}
     assert stop_began < stopped
+    log = (tmp_path / "serve.log").read_text()
+    assert "failed: session store is unavailable: ConnectionError (" in log
+    assert "Connection refused" in log
 
 
 @pytest.mark.slow
