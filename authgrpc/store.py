@@ -41,7 +41,7 @@ def cut_stored_text(text: str) -> str:
 
 def new_user_id() -> str:
     """Return a random 96-bit user id, base64url-encoded (16 characters)."""
-    return secrets.token_urlsafe(12)
+    return _random_id(12)
 
 
 def new_session_id() -> str:
@@ -52,7 +52,16 @@ def new_session_id() -> str:
     secret. Stores make a new id when one clashes with a live session of the
     same user. The short ids keep a session's Redis key within 48 bytes.
     """
-    return secrets.token_urlsafe(8)
+    return _random_id(8)
+
+
+def _random_id(size: int) -> str:
+    # An id that starts with "-" reads as an option on a command line, as in
+    # `authgrpc session revoke NAME <id>`, so such draws are discarded.
+    while True:
+        text = secrets.token_urlsafe(size)
+        if not text.startswith("-"):
+            return text
 
 
 @dataclass(frozen=True, slots=True)

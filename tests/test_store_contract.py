@@ -19,6 +19,8 @@ from authgrpc.store import (
     ThrottlePolicy,
     UserChanged,
     UsernameTaken,
+    new_session_id,
+    new_user_id,
     wall_clock_ms,
 )
 
@@ -438,3 +440,9 @@ async def test_validation_and_refresh_report_peer_and_agent(
     assert validated is not None and refreshed is not None
     assert (validated.peer, validated.user_agent) == ("127.0.0.1", "test-agent")
     assert (refreshed.peer, refreshed.user_agent) == ("127.0.0.1", "test-agent")
+
+
+def test_ids_never_start_with_a_dash() -> None:
+    ids = [new_session_id() for _ in range(3000)] + [new_user_id() for _ in range(3000)]
+
+    assert not [value for value in ids if value.startswith("-")]
