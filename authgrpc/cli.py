@@ -469,12 +469,12 @@ async def _create_dev_user(running: Any) -> None:
     password = os.environ.get("AUTHGRPC_DEV_PASSWORD") or secrets.token_urlsafe(12)
     store: SessionStore = running.store
     hasher: PasswordHasher = running.authenticator.hasher
-    shown = password
+    password_line = password
     if await store.get_user_by_name(DEV_USERNAME) is None:
         await store.create_user(DEV_USERNAME, await hasher.hash(password), ("admin",))
     else:
         password = "<its password>"
-        shown = (
+        password_line = (
             "unchanged, since the user already existed in this store "
             f"(`authgrpc user passwd {DEV_USERNAME}` sets one)"
         )
@@ -488,7 +488,7 @@ async def _create_dev_user(running: Any) -> None:
         "authgrpc dev mode, NOT FOR PRODUCTION:",
         f"  ephemeral signing key, {store_kind} sessions",
         f"  user:     {DEV_USERNAME}",
-        f"  password: {shown}",
+        f"  password: {password_line}",
         "",
         "Try it with grpcurl:",
         f"  grpcurl -plaintext {address} list",

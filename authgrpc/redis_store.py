@@ -25,8 +25,9 @@ The index values are Unix milliseconds, and ``t``, ``l`` and ``q`` are
 durations in milliseconds. The session hash keeps those offsets, and leaves
 the absolute expiry to the index, so that listpack stores them as integers
 of 4 bytes or less. A new session with an IPv4 peer and a 48-byte user
-agent then fits a 112-byte listpack allocation, and 128 bytes once its
-first refresh adds ``p`` and ``q``.
+agent then fits a 112-byte listpack allocation. A refresh within about
+20 s of the login adds ``p`` and ``q`` within 128 bytes; a later one stores
+3-byte offsets and needs the 160-byte class.
 
 Session ids are 11 characters and every user field name is one character,
 so the index fields are the fields whose name is longer than one character.
@@ -603,7 +604,7 @@ class RedisStore:
             await self._checks.close()
         if isinstance(self.client, aioredis.Redis):
             # A client built on a pool it was given leaves that pool's
-            # connections open unless told to close them.
+            # connections open unless close_connection_pool is set.
             await self.client.aclose(close_connection_pool=True)
         else:
             await self.client.aclose()

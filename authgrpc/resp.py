@@ -117,15 +117,14 @@ class ScriptConnection:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 2 * self.timeout
         try:
-            reply = await self._run_once(script, keys, args, self.timeout)
+            reply = await self._run_once(script, keys, args, deadline)
         except _ConnectionLost:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            if loop.time() >= deadline:
                 raise redis.exceptions.TimeoutError(
                     "Timeout reading from Redis"
                 ) from None
             try:
-                reply = await self._run_once(script, keys, args, remaining)
+                reply = await self._run_once(script, keys, args, deadline)
             except _ConnectionLost:
                 raise redis.exceptions.ConnectionError(
                     "Redis closed the connection twice in a row"
@@ -155,46 +154,50 @@ class ScriptConnection:
                 pipe.close_from_elsewhere()
 
     async def _run_once(
-        self, script: Script, keys: list[str], args: list[Any], timeout: float
+        self, script: Script, keys: list[str], args: list[Any], deadline: float
     ) -> Any:
         reply = await self._call(
-            ("EVALSHA", script.sha, len(keys), *keys, *args), timeout
+            ("EVALSHA", script.sha, len(keys), *keys, *args), deadline
         )
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             # The server restarted or ran SCRIPT FLUSH. EVAL loads it again.
             reply = await self._call(
-                ("EVAL", script.source, len(keys), *keys, *args), timeout
+                ("EVAL", script.source, len(keys), *keys, *args), deadline
             )
         return reply
 
-    async def _call(self, command: tuple[Any, ...], timeout: float) -> Any:
+    async def _call(self, command: tuple[Any, ...], deadline: float) -> Any:
+        """Send one command and wait for its reply, until ``deadline`` at the latest."""
         loop = asyncio.get_running_loop()
         pipe = self._pipes.get(loop)
         if pipe is None or pipe.lost:
-            pipe = await self._connect(loop)
+            pipe = await self._connect(loop, deadline)
         waiter = pipe.send(command)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(min(loop.time() + self.timeout, deadline)):
                 return await waiter
         except TimeoutError:
             pipe.abort()
             raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Pipe:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Pipe:
         self._forget_closed_loops()
         opening = self._opening.get(loop)
         if opening is None or opening.done():
             opening = loop.create_task(self._open(loop))
             opening.add_done_callback(_retrieve)
             self._opening[loop] = opening
-        # Callers that come while the connection opens share one attempt; a
-        # caller that gives up does not cancel it for the others.
+        # Callers that come while the connection opens share one attempt, and
+        # a caller that gives up does not cancel it for the others.
         try:
-            return await asyncio.shield(opening)
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(opening)
+        except TimeoutError:
+            raise redis.exceptions.TimeoutError("Timeout connecting to Redis") from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if opening.cancelled() and task is not None and not task.cancelling():
-                # close() stopped the attempt; this caller was not cancelled.
+                # close() stopped the attempt, and this caller was not cancelled.
                 raise redis.exceptions.ConnectionError(
                     "the Redis connection was closed"
                 ) from None

@@ -13,7 +13,6 @@ import asyncio
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any
 
 from sessions import RedisProcess
 
@@ -77,7 +76,7 @@ def main() -> None:
                 )
         finally:
             server.stop()
-    best: dict[str, Any] = {name: min(values) for name, values in figures.items()}
+    best = {name: min(values) for name, values in figures.items()}
     for name, values in figures.items():
         rounds = " ".join(f"{value:.1f}" for value in values)
         print(f"{name:>16}: {best[name]:6.1f} us CPU per check (rounds: {rounds})")

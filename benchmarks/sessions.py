@@ -287,8 +287,8 @@ def used_memory(client: redis.Redis) -> int:
 def settled_used_memory(client: redis.Redis, timeout: float = 10.0) -> int:
     """Return ``used_memory`` once ``client`` is the only connection left.
 
-    Each connection holds buffers of several kilobytes until Redis has seen
-    it close, which happens after the closing side has moved on.
+    Redis keeps each connection's buffers of several kilobytes until it has
+    processed the close, which happens after the closing side has moved on.
     """
     deadline = time.monotonic() + timeout
     while int(client.info("clients")["connected_clients"]) > 1:
